@@ -1,0 +1,86 @@
+"""The plugin contract: hook markers, the hooks, and the records plugins yield.
+
+A plugin is a module (found through the entry-point group ``"lossforge"``) with functions
+marked ``@lossforge.hookimpl``:
+
+- ``lossforge_losses()`` yields :class:`LossSpec` records: the losses it declares.
+- ``lossforge_kernels()`` yields :class:`KernelSpec` records: compiled value-and-gradient
+  kernels, one per loss and backend. A plugin may supply kernels for losses declared by
+  another plugin; among several kernels for one (loss, backend), the plugin called first
+  wins, so ``@hookimpl(tryfirst=True)`` replaces a built-in kernel.
+
+Hooks are called once, when the registry is first used, never on a loss call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+PROJECT = "lossforge"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as a plugin declares it.
+
+    name: the functional name (``"mse_loss"``), unique across plugins.
+    family: a short group name (``"regression"``).
+    arguments: the positional array arguments, in order (``("input", "target")``).
+    differentiable: the arguments the gradient is taken for, in order.
+    options: the keyword-only options and their defaults; ``"reduction"`` among them makes
+        the loss reduced (``"none" | "mean" | "sum"``), otherwise it returns an array.
+    prepare: ``prepare(arrays, options, backend) -> lossforge.Prepared``; validates and
+        normalises the arguments (see ``lossforge.validate``). ``options`` holds every option.
+    reference: optional float64 NumPy reference, ``reference(*arrays, **options)``, returning
+        the per-element loss (``reduction="none"``) as an array; the conformance kit uses it.
+    doc: the docstring of the functional form.
+    """
+
+    name: str
+    family: str
+    arguments: tuple[str, ...]
+    differentiable: tuple[str, ...]
+    options: Mapping[str, Any]
+    prepare: Callable[..., Any]
+    reference: Callable[..., Any] | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A compiled kernel for one loss on one backend (``"cpu"`` or ``"cuda"``).
+
+    ``function`` is the callable or an import path ``"package.module:attribute"`` resolved
+    the first time the kernel is needed, so that no plugin compiles or imports a GPU stack
+    before it is used. Its call is::
+
+        total = function(p, loss_out, grad_outs, grad_output, scale)
+
+    ``p`` is the :class:`lossforge.Prepared` that the loss's ``prepare`` returned.
+    ``loss_out`` is ``None`` or an array of ``p.value_shape`` to receive per-element losses.
+    ``grad_outs`` is ``None`` or a tuple of arrays, one per differentiable argument, of the
+    shapes in ``p.grad_shapes``, to receive ``grad_output * scale * d(loss)/d(argument)``.
+    ``grad_output`` is ``None`` (ones) or an array of ``p.value_shape`` (reduction
+    ``"none"``). The kernel returns the float sum of the (weighted) per-element losses.
+    """
+
+    loss: str
+    backend: str
+    function: Callable[..., float] | str
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@hookspec
+def lossforge_losses() -> Iterable[LossSpec]:
+    """Declare losses: yield or return :class:`LossSpec` records."""
+
+
+@hookspec
+def lossforge_kernels() -> Iterable[KernelSpec]:
+    """Supply kernels: yield or return :class:`KernelSpec` records."""

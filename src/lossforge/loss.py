@@ -1,0 +1,234 @@
+"""``Loss``: one registered loss, callable like its ``torch.nn.functional`` namesake.
+
+Per call: options merged with the defaults -> the family's ``prepare`` (validation and
+normalisation, see ``lossforge.validate``) -> the backend chosen by ``lossforge.dispatch`` ->
+the kernel, resolved once per backend and cached here. Reductions are applied here and
+nowhere else: kernels return the sum of the per-element losses and ``"mean"`` divides it by
+the ``denominator`` that ``prepare`` computed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from lossforge import dispatch, validate
+from lossforge.hookspecs import LossSpec
+
+# Errors a kernel may raise on purpose (e.g. a class index found out of range); any other
+# exception from a kernel is a plugin's fault and is reported naming the plugin.
+_CONTRACT_ERRORS = (ValueError, TypeError, IndexError, NotImplementedError)
+
+
+class Loss:
+    """A loss and its gradient. Obtain it with ``lossforge.get(name)``."""
+
+    def __init__(self, spec: LossSpec, plugin: str, registry: Any):
+        self.spec = spec
+        self.name = spec.name
+        self.family = spec.family
+        self.plugin = plugin
+        self.arguments = tuple(spec.arguments)
+        self.differentiable = tuple(spec.differentiable)
+        self.options = MappingProxyType(dict(spec.options))
+        self.reduced = "reduction" in spec.options
+        self.__doc__ = spec.doc
+        self.__name__ = spec.name
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in self.arguments]
+            + [
+                inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+                for k, v in spec.options.items()
+            ]
+            + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)]
+        )
+        self._registry = registry
+        self._kernels: dict[str, tuple[Any, str]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Loss {self.name} ({self.family}, plugin {self.plugin!r})>"
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends with a kernel, in ``("cpu", "cuda")`` order."""
+        have = self._registry.backends(self.name)
+        return tuple(b for b in dispatch.BACKENDS if b in have)
+
+    @property
+    def suppliers(self) -> dict[str, str]:
+        """backend -> the plugin whose kernel runs on it (a plugin may override a backend)."""
+        return self._registry.backends(self.name)
+
+    # -- the public calls ----------------------------------------------------------------
+    def __call__(self, *arrays: Any, **options: Any) -> Any:
+        """The loss value; see the loss's docstring for arguments and options."""
+        return self._run(arrays, options, True, False, None, None)[0]
+
+    def grad(self, *arrays: Any, grad_output: Any = None, out: Any = None, **options: Any) -> Any:
+        """The vector-Jacobian product with respect to the differentiable arguments: an
+        array, or a tuple of arrays when there are several (``self.differentiable``)."""
+        return self._run(arrays, options, False, True, grad_output, out)[1]
+
+    def value_and_grad(
+        self, *arrays: Any, grad_output: Any = None, out: Any = None, **options: Any
+    ) -> tuple[Any, Any]:
+        """``(value, grad)`` from one fused pass; ``out=`` receives the gradient."""
+        return self._run(arrays, options, True, True, grad_output, out)
+
+    def partial(self, *arrays: Any, **options: Any) -> tuple[float, float]:
+        """``(total, denominator)`` as float64: the summed (weighted) losses and what
+        ``"mean"`` divides them by. Chunks of a large input combine by adding pairs."""
+        if not self.reduced:
+            raise TypeError(f"{self.name} is not a reduced loss and has no partial reduction")
+        options["reduction"] = "sum"
+        p, kernel = self._prepare(arrays, options)
+        total = self._kernel_call(kernel, p, None, None, None, 1.0)
+        return float(total), float(p.denominator)
+
+    # -- the per-call path ---------------------------------------------------------------
+    def _prepare(self, arrays: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Any]:
+        if len(arrays) != len(self.arguments):
+            raise TypeError(
+                f"{self.name}() takes {len(self.arguments)} array arguments "
+                f"({', '.join(self.arguments)}), got {len(arrays)}"
+            )
+        forced = options.pop("backend", None)
+        opts = dict(self.spec.options)
+        for key in options:
+            if key not in opts:
+                raise TypeError(f"{self.name}() got an unexpected keyword argument {key!r}")
+        opts.update(options)
+        if self.reduced:
+            validate.check_reduction(opts["reduction"])
+        backend = dispatch.backend_of(arrays, forced)
+        p = self.spec.prepare(arrays, opts, backend)
+        kernel = self._kernels.get(backend)
+        if kernel is None:
+            kernel = self._kernels[backend] = self._registry.kernel(self.name, backend)
+        return p, kernel
+
+    def _run(
+        self,
+        arrays: tuple[Any, ...],
+        options: dict[str, Any],
+        want_value: bool,
+        want_grad: bool,
+        grad_output: Any,
+        out: Any,
+    ) -> tuple[Any, Any]:
+        p, kernel = self._prepare(arrays, options)
+        reduced = p.reduction in ("mean", "sum")
+        go = None
+        scale = 1.0
+        grads = finals = None
+        if want_grad:
+            if reduced:
+                g = 1.0 if grad_output is None else _scalar("grad_output", grad_output)
+                scale = g / np.float64(p.denominator) if p.reduction == "mean" else g
+            elif grad_output is not None:
+                go = self._grad_output_array(grad_output, p)
+            grads, finals = self._grad_buffers(p, out)
+        loss_out = None
+        if want_value and not reduced:
+            loss_out = dispatch.empty(p.value_shape, p.dtype, p.backend)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = self._kernel_call(kernel, p, loss_out, grads, go, float(scale))
+            if reduced:
+                value = p.result_dtypes[0].type(
+                    total / np.float64(p.denominator) if p.reduction == "mean" else total
+                )
+            else:
+                value = _cast(loss_out, p.result_dtypes[0], p.backend) if want_value else None
+        if want_grad:
+            for buffer, final in zip(grads, finals, strict=True):
+                if final is not buffer:
+                    final[...] = buffer  # float16 results, computed in float32
+            if p.backend == "cuda":
+                value, finals = dispatch.cuda_runtime().to_caller(value, finals, arrays)
+            return value, (finals[0] if len(finals) == 1 else tuple(finals))
+        if p.backend == "cuda":
+            value, _ = dispatch.cuda_runtime().to_caller(value, (), arrays)
+        return value, None
+
+    def _kernel_call(self, kernel: tuple[Any, str], p: Any, *args: Any) -> float:
+        function, plugin = kernel
+        try:
+            total = function(p, *args)
+        except _CONTRACT_ERRORS:
+            raise
+        except Exception as exc:
+            from lossforge.registry import PluginError
+
+            raise PluginError(
+                f"the {p.backend} kernel of {self.name!r} from plugin {plugin!r} failed: {exc!r}"
+            ) from exc
+        if not isinstance(total, (float, int, np.floating, np.integer)):
+            from lossforge.registry import PluginError
+
+            raise PluginError(
+                f"the {p.backend} kernel of {self.name!r} from plugin {plugin!r} returned "
+                f"{type(total).__name__}, not the float sum of the losses"
+            )
+        return total
+
+    def _grad_output_array(self, grad_output: Any, p: Any) -> Any:
+        g = validate.as_array(grad_output, p.backend)
+        validate.float_dtype("grad_output", g)
+        if tuple(g.shape) != tuple(p.value_shape):
+            raise ValueError(
+                f"grad_output must have the value's shape {tuple(p.value_shape)}, got "
+                f"{tuple(g.shape)}"
+            )
+        return validate.as_float("grad_output", g, p.dtype, p.backend)
+
+    def _grad_buffers(self, p: Any, out: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(what the kernel writes into, what the caller gets), per gradient."""
+        n = len(p.grad_shapes)
+        dtypes = p.result_dtypes[1:]
+        if out is None:
+            finals = tuple(
+                dispatch.empty(s, d, p.backend) for s, d in zip(p.grad_shapes, dtypes, strict=True)
+            )
+        else:
+            finals = (out,) if n == 1 and not isinstance(out, tuple) else tuple(out)
+            if len(finals) != n:
+                raise ValueError(f"out must be a tuple of {n} arrays, one per gradient")
+            for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes, strict=True):
+                _check_out(name, o, s, d, p.backend)
+        buffers = tuple(
+            f if f.dtype == p.dtype else dispatch.empty(f.shape, p.dtype, p.backend)
+            for f in finals
+        )
+        return buffers, finals
+
+
+def _scalar(name: str, value: Any) -> float:
+    array = np.asarray(value)
+    if array.shape != () and array.size != 1:
+        raise ValueError(f"{name} of a reduced loss must be a scalar, got shape {array.shape}")
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real number, got dtype {array.dtype.name}")
+    return float(array.reshape(()))
+
+
+def _cast(array: Any, dtype: np.dtype, backend: str) -> Any:
+    if array.dtype == dtype:
+        return array
+    if backend == "cpu":
+        return array.astype(dtype)
+    return dispatch.cuda_runtime().astype(array, dtype)
+
+
+def _check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, backend: str) -> None:
+    where = f"out (the gradient of {name})"
+    if backend == "cpu" and not isinstance(out, np.ndarray):
+        raise TypeError(f"{where} must be a NumPy array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{where} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != dtype:
+        raise TypeError(f"{where} must have dtype {dtype.name}, got {np.dtype(out.dtype).name}")
+    if backend == "cpu" and not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{where} must be a writeable C-contiguous array")

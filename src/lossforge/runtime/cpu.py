@@ -1,0 +1,101 @@
+"""What every CPU kernel shares: how it is compiled, how it is chunked, when it goes parallel.
+
+Determinism: a reduction splits its elements into chunks of ``CHUNK`` elements (boundaries
+depend on the size only), writes one float64 partial per chunk, and adds the partials in
+chunk order. The serial and the parallel variant of a kernel run the same body, so their
+results are bitwise identical, and so are results for any thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numba
+import numpy as np
+
+#: Elements per reduction chunk. Part of the numerical result: changing it changes the
+#: rounding of sums, so it is a constant, not a tuning knob.
+CHUNK = 1 << 14
+
+#: Below this many elements a call runs the serial variant: a parallel region costs
+#: microseconds to start and can wait a scheduler slice when the other core is busy.
+PARALLEL_MIN = 1 << 17
+
+JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+
+
+def jit(fn: Callable) -> Any:
+    """A serial kernel or helper: ``@njit`` with the project's options."""
+    return numba.njit(**JIT_OPTIONS)(fn)
+
+
+class KernelPair:
+    """One kernel body compiled twice: serial for small inputs, parallel (``prange``) for
+    large ones. The variants get distinct names so Numba's on-disk cache keeps both."""
+
+    def __init__(self, fn: Callable):
+        self.serial = numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(fn, "serial"))
+        self.parallel = numba.njit(parallel=True, **JIT_OPTIONS)(_renamed(fn, "parallel"))
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+
+    def __call__(self, n: int, *args: Any) -> Any:
+        """Run on ``n`` elements of work, choosing the variant by size."""
+        if n < PARALLEL_MIN:
+            return self.serial(*args)
+        global _parallel_guard
+        with _parallel_guard:
+            result = self.parallel(*args)
+        if _parallel_guard is _workqueue_lock and numba.threading_layer() != "workqueue":
+            _parallel_guard = contextlib.nullcontext()
+        return result
+
+
+# Numba's fallback threading layer ("workqueue") aborts the process when two Python threads
+# enter parallel kernels at once; parallel calls are serialised until the layer is known to
+# be OpenMP or TBB.
+_workqueue_lock = threading.Lock()
+_parallel_guard: Any = _workqueue_lock
+
+
+def parallel_kernel(fn: Callable) -> KernelPair:
+    """Decorator: see :class:`KernelPair`."""
+    return KernelPair(fn)
+
+
+def _renamed(fn: Callable, suffix: str) -> Callable:
+    clone = types.FunctionType(
+        fn.__code__, fn.__globals__, f"{fn.__name__}_{suffix}", fn.__defaults__, fn.__closure__
+    )
+    clone.__qualname__ = f"{fn.__qualname__}_{suffix}"
+    clone.__module__ = fn.__module__
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+
+
+def or_empty(array: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    """``array`` flattened, or a length-0 array standing for "not wanted": kernels test
+    ``len(a) > 0`` instead of taking optional arguments, which would compile one more
+    signature for each."""
+    if array is None:
+        return _EMPTY[np.dtype(dtype)]
+    return array.reshape(-1)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` Numba threads (a per-thread setting in Numba), restoring the
+    previous count after."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)

@@ -1,0 +1,181 @@
+"""Every check of API.md section 5, and the normalisation kernels rely on.
+
+Family plugins build their ``prepare`` from these helpers, so that each error has one wording
+and one place. After normalisation an array is C-contiguous, in native byte order, and of
+the compute dtype (float32 or float64; float16 is computed in float32); the caller's arrays
+are never written to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lossforge import dispatch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(eq=False)
+class Prepared:
+    """Validated, normalised arguments of one loss call, as the kernels receive them.
+
+    arrays: the normalised arrays, in the order the family's kernels expect.
+    params: plain floats and ints for the kernel (no ``None``: keeps compiled signatures few).
+    reduction: ``"none" | "mean" | "sum"``, or ``None`` for a loss that is not reduced.
+    denominator: what ``"mean"`` divides by (element count, or summed weights).
+    value_shape: the shape of the unreduced value.
+    grad_shapes: the shape of each gradient, in the order of ``LossSpec.differentiable``.
+    dtype: the compute dtype (float32 or float64).
+    result_dtypes: the dtype of the value, then of each gradient (float16 stays float16).
+    backend: ``"cpu"`` or ``"cuda"``.
+    """
+
+    arrays: tuple[Any, ...]
+    params: tuple[Any, ...]
+    reduction: str | None
+    denominator: float
+    value_shape: tuple[int, ...]
+    grad_shapes: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+    result_dtypes: tuple[np.dtype, ...]
+    backend: str = "cpu"
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}"
+        )
+    return reduction  # type: ignore[return-value]
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    value = _real(name, value)
+    if not value >= 0:  # also rejects nan
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return value
+
+
+def check_range(name: str, value: object, lo: float, hi: float) -> float:
+    value = _real(name, value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, np.complexfloating):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def float_dtype(name: str, array: Any) -> np.dtype:
+    """The float dtype of an argument, or TypeError naming the dtype it has."""
+    dtype = np.dtype(array.dtype)
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise TypeError(
+            f"{name} must be a float16, float32 or float64 array, got dtype {dtype.name}"
+        )
+    return dtype.newbyteorder("=")
+
+
+def compute_dtype(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
+    """(compute dtype, result dtype) of arguments promoted together, as PyTorch promotes."""
+    result = np.result_type(*dtypes)
+    return (np.dtype(np.float32) if result == np.float16 else result), result
+
+
+def as_array(value: Any, backend: str) -> Any:
+    """The argument as an array of its backend, without copying or converting."""
+    if backend == "cpu":
+        return np.asarray(value)
+    return dispatch.cuda_runtime().as_device_array(value)
+
+
+def as_float(name: str, array: Any, dtype: np.dtype, backend: str) -> Any:
+    """``array`` (already checked by ``float_dtype``) as C-contiguous native ``dtype``."""
+    if backend == "cpu":
+        return np.ascontiguousarray(array, dtype=dtype)
+    return dispatch.cuda_runtime().as_contiguous(array, dtype)
+
+
+def as_index(name: str, array: Any, backend: str) -> Any:
+    """Class-index targets as C-contiguous int64, or TypeError naming the dtype."""
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class indices, got dtype {dtype.name}")
+    if backend == "cpu":
+        return np.ascontiguousarray(array, dtype=np.int64)
+    return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
+
+
+def check_same_shape(names: Sequence[str], arrays: Sequence[Any]) -> tuple[int, ...]:
+    shape = tuple(arrays[0].shape)
+    for name, array in zip(names[1:], arrays[1:], strict=True):
+        if tuple(array.shape) != shape:
+            raise ValueError(
+                f"{names[0]} and {name} must have the same shape, got {names[0]} of shape "
+                f"{shape} and {name} of shape {tuple(array.shape)}"
+            )
+    return shape
+
+
+def check_length(name: str, array: Any, expected: int, what: str) -> None:
+    if array.ndim != 1 or array.shape[0] != expected:
+        raise ValueError(
+            f"{name} must be a 1-D array of length {expected} ({what}), got shape "
+            f"{tuple(array.shape)}"
+        )
+
+
+def elementwise(
+    arrays: Sequence[Any],
+    names: Sequence[str],
+    weight: Any,
+    backend: str,
+) -> tuple[list[Any], Any, np.dtype, tuple[np.dtype, ...], tuple[int, ...]]:
+    """The common preparation of losses over same-shaped float arrays with an optional
+    element-wise weight of the same shape.
+
+    Returns (arrays, weight, compute dtype, dtypes, shape) where ``dtypes`` is the promoted
+    result dtype followed by each array's own dtype (that of its gradient); ``weight`` is a
+    length-0 array of the compute dtype when not given, so kernels have one signature.
+    """
+    raw = [as_array(a, backend) for a in arrays]
+    dtypes = [float_dtype(n, a) for n, a in zip(names, raw, strict=True)]
+    shape = check_same_shape(names, raw)
+    if weight is not None:
+        weight = as_array(weight, backend)
+        dtypes.append(float_dtype("weight", weight))
+        if tuple(weight.shape) != shape:
+            raise ValueError(
+                f"weight must have the shape of {names[0]}, got weight of shape "
+                f"{tuple(weight.shape)} and {names[0]} of shape {shape}"
+            )
+    dtype, result = compute_dtype(*dtypes)
+    out = [as_float(n, a, dtype, backend) for n, a in zip(names, raw, strict=True)]
+    if weight is None:
+        weight = dispatch.empty((0,), dtype, backend)
+    else:
+        weight = as_float("weight", weight, dtype, backend)
+    return out, weight, dtype, (result, *dtypes[: len(names)]), shape
+
+
+def total(array: Any, backend: str) -> float:
+    """The float64 sum of an array (pairwise, so deterministic): summed weights for
+    ``"mean"``."""
+    if backend == "cpu":
+        return float(np.sum(array, dtype=np.float64))
+    return dispatch.cuda_runtime().total(array)
