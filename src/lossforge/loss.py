@@ -196,11 +196,12 @@ class Loss:
             finals = (out,) if n == 1 and not isinstance(out, tuple) else tuple(out)
             if len(finals) != n:
                 raise ValueError(f"out must be a tuple of {n} arrays, one per gradient")
-            for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes, strict=True):
+            for name, o, s, d in zip(
+                self.differentiable, finals, p.grad_shapes, dtypes, strict=True
+            ):
                 _check_out(name, o, s, d, p.backend)
         buffers = tuple(
-            f if f.dtype == p.dtype else dispatch.empty(f.shape, p.dtype, p.backend)
-            for f in finals
+            f if f.dtype == p.dtype else dispatch.empty(f.shape, p.dtype, p.backend) for f in finals
         )
         return buffers, finals
 

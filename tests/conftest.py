@@ -1,0 +1,15 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+# Kernels compile on first use (1-3 s each, cached on disk afterwards); property tests must
+# not count that against their deadline.
+settings.register_profile("lossforge", deadline=None, max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lossforge"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

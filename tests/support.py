@@ -1,0 +1,93 @@
+"""Test helpers shared by every family's tests: the PyTorch oracle, finite differences,
+memory-layout variants, and input-immutability checks. References themselves (float64 NumPy)
+are written in each test module, independently of the plugins' code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the oracle is optional: tests that need it skip
+    torch = None
+    F = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+
+
+def torch_value_and_grad(
+    name: str,
+    arrays: Sequence[np.ndarray],
+    differentiable: Sequence[int] = (0,),
+    grad_output: Any = None,
+    **options: Any,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """PyTorch's value and its gradients for the arguments at ``differentiable``."""
+    tensors = []
+    for i, a in enumerate(arrays):
+        t = torch.from_numpy(np.array(a))
+        if i in differentiable:
+            t.requires_grad_(True)
+        tensors.append(t)
+    opts = {
+        k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v)
+        for k, v in options.items()
+    }
+    value = getattr(F, name)(*tensors, **opts)
+    go = (
+        torch.ones_like(value)
+        if grad_output is None
+        else torch.as_tensor(np.asarray(grad_output), dtype=value.dtype)
+    )
+    grads = torch.autograd.grad(value, [tensors[i] for i in differentiable], go)
+    return value.detach().numpy(), [g.numpy() for g in grads]
+
+
+def finite_difference(
+    f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
+    """Central differences of a scalar function of a float64 array."""
+    x = np.array(x, dtype=np.float64)
+    g = np.empty_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + eps
+        up = f(x)
+        flat[i] = keep - eps
+        down = f(x)
+        flat[i] = keep
+        gflat[i] = (up - down) / (2 * eps)
+    return g
+
+
+def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values as ``x`` in awkward memory layouts: strided, transposed (Fortran
+    order), read-only and big-endian."""
+    x = np.asarray(x)
+    strided = np.empty((2,) + x.shape, x.dtype)
+    strided[0] = x
+    fortran = np.asfortranarray(x)
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    big = x.astype(x.dtype.newbyteorder(">"))
+    return {"strided": strided[0], "fortran": fortran, "readonly": readonly, "bigendian": big}
+
+
+def snapshot(*arrays: Any) -> list[np.ndarray]:
+    return [np.array(a, copy=True) for a in arrays]
+
+
+def assert_unchanged(before: list[np.ndarray], arrays: Sequence[Any]) -> None:
+    for b, a in zip(before, arrays, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+        assert np.asarray(a).dtype == b.dtype
+
+
+def rtol_for(dtype: Any) -> float:
+    return {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-12}[np.dtype(dtype).type]
