@@ -70,7 +70,7 @@ def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
     """The same values as ``x`` in awkward memory layouts: strided, transposed (Fortran
     order), read-only and big-endian."""
     x = np.asarray(x)
-    strided = np.empty((2,) + x.shape, x.dtype)
+    strided = np.empty((2, *x.shape), x.dtype)
     strided[0] = x
     fortran = np.asfortranarray(x)
     readonly = x.copy()

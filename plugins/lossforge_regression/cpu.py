@@ -17,8 +17,8 @@ def _element(kind, d, param):
     if kind == MSE:
         return d * d, 2.0 * d
     a = abs(d)
-    if kind == L1:
-        return a, np.sign(d)
+    if kind == L1:  # PyTorch's sign: 0 for nan, unlike the other branches
+        return a, np.float64(d > 0) - np.float64(d < 0)
     if kind == SMOOTH_L1:  # param = beta; beta = 0 is l1_loss, as in PyTorch
         if a < param:
             return 0.5 * d * d / param, d / param

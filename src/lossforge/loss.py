@@ -127,7 +127,8 @@ class Loss:
         if want_grad:
             if reduced:
                 g = 1.0 if grad_output is None else _scalar("grad_output", grad_output)
-                scale = g / np.float64(p.denominator) if p.reduction == "mean" else g
+                with np.errstate(divide="ignore", invalid="ignore"):  # an empty "mean"
+                    scale = g / np.float64(p.denominator) if p.reduction == "mean" else g
             elif grad_output is not None:
                 go = self._grad_output_array(grad_output, p)
             grads, finals = self._grad_buffers(p, out)
