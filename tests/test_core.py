@@ -1,0 +1,107 @@
+"""The face of the library: lookups, Loss attributes, import cost, the command line."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lossforge as lf
+
+
+def run(*code_or_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *code_or_args], capture_output=True, text=True, check=True, timeout=300
+    )
+
+
+def test_functional_names_are_the_registered_losses():
+    assert lf.mse_loss is lf.get("mse_loss")
+    assert {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"} <= set(lf.list_losses())
+    assert lf.list_losses() == sorted(lf.list_losses())
+    assert "mse_loss" in dir(lf)
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(KeyError, match=r"no loss named 'mse_los'; did you mean 'mse_loss'"):
+        lf.get("mse_los")
+    with pytest.raises(AttributeError):
+        lf.no_such_loss  # noqa: B018
+
+
+def test_loss_attributes():
+    loss = lf.get("huber_loss")
+    assert loss.name == "huber_loss"
+    assert loss.family == "regression"
+    assert loss.plugin == "regression"
+    assert loss.backends[0] == "cpu"
+    assert loss.differentiable == ("input",)
+    assert dict(loss.options) == {"reduction": "mean", "delta": 1.0, "weight": None}
+    assert "Huber" in loss.__doc__
+    assert str(inspect.signature(loss)) == (
+        "(input, target, *, reduction='mean', delta=1.0, weight=None, backend=None)"
+    )
+
+
+def test_by_name_helpers_match_methods():
+    x, y = np.linspace(-1, 1, 9), np.linspace(1, -1, 9)
+    g = lf.grad("mse_loss", x, y)
+    np.testing.assert_array_equal(g, lf.mse_loss.grad(x, y))
+    v, g2 = lf.value_and_grad("mse_loss", x, y)
+    assert v == lf.mse_loss(x, y)
+    np.testing.assert_array_equal(g, g2)
+
+
+def test_partial_pairs_combine_to_the_mean():
+    rng = np.random.default_rng(0)
+    x, y, w = rng.random(1000), rng.random(1000), rng.random(1000)
+    pairs = [
+        lf.mse_loss.partial(x[i : i + 300], y[i : i + 300], weight=w[i : i + 300])
+        for i in range(0, 1000, 300)
+    ]
+    total = sum(p[0] for p in pairs)
+    denominator = sum(p[1] for p in pairs)
+    np.testing.assert_allclose(total / denominator, lf.mse_loss(x, y, weight=w), rtol=1e-13)
+    assert isinstance(total, float) and isinstance(denominator, float)
+
+
+def test_backend_argument():
+    x = np.ones(3)
+    assert lf.mse_loss(x, x, backend="cpu") == 0
+    with pytest.raises(ValueError, match="backend must be one of 'cpu', 'cuda'"):
+        lf.mse_loss(x, x, backend="tpu")
+
+
+def test_import_compiles_nothing_and_imports_no_numba():
+    code = (
+        "import sys, time; t = time.perf_counter(); import lossforge; "
+        "print(time.perf_counter() - t); "
+        "assert 'numba' not in sys.modules, 'numba imported'; "
+        "assert not lossforge.registry._loaded, 'plugins loaded at import'"
+    )
+    elapsed = float(run("-c", code).stdout)
+    assert elapsed < 0.5
+
+
+def test_cli_list_and_plugins():
+    listing = run("-m", "lossforge", "list").stdout
+    for name in ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]:
+        assert any(
+            line.split()[:3] == [name, "regression", "regression"] for line in listing.splitlines()
+        )
+    plugins = run("-m", "lossforge", "plugins").stdout
+    assert "regression  [ok]  entry point 'regression' = 'lossforge_regression'" in plugins
+    assert "    mse_loss: cpu" in plugins
+
+
+def test_console_script_matches_module():
+    import shutil
+
+    script = shutil.which("lossforge", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("console script not installed in this environment")
+    out = subprocess.run([script, "list"], capture_output=True, text=True, check=True).stdout
+    assert out == run("-m", "lossforge", "list").stdout
