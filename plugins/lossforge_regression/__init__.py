@@ -52,6 +52,8 @@ def _prepare_l1(arrays, options, backend):
 
 def _prepare_smooth_l1(arrays, options, backend):
     beta = validate.check_nonnegative("beta", options["beta"])
+    if beta == 0:  # PyTorch computes l1_loss then, gradient included
+        return _prepare(L1, 0.0, False, arrays, options, backend)
     return _prepare(SMOOTH_L1, beta, False, arrays, options, backend)
 
 

@@ -1,32 +1,41 @@
 """CPU kernels of the regression family: one fused value-and-gradient pass, shared by the
-four losses (the loss is a loop-invariant switch, which LLVM unswitches)."""
+four losses (the loss is a loop-invariant switch).
+
+Optional arrays (weight, per-element losses, gradient, per-element grad_output) are passed as
+``None`` when absent: Numba compiles a variant per None/array combination with the absent
+work removed, which is what lets LLVM vectorize the loop (a runtime flag does not).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import CHUNK, jit, or_empty, parallel_kernel
+from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
 
 @jit
-def _element(kind, d, param):
-    """(loss, d loss / d input) of one element, d = input - target, in float64."""
+def _element(kind, d, param, inverse):
+    """(loss, d loss / d input) of one element, d = input - target, in float64; branch-free
+    selects, with PyTorch's values at the boundaries and for nan."""
     if kind == MSE:
         return d * d, 2.0 * d
     a = abs(d)
-    if kind == L1:  # PyTorch's sign: 0 for nan, unlike the other branches
+    if kind == L1:  # PyTorch's sign: 0 for nan
         return a, np.float64(d > 0) - np.float64(d < 0)
-    if kind == SMOOTH_L1:  # param = beta; beta = 0 is l1_loss, as in PyTorch
-        if a < param:
-            return 0.5 * d * d / param, d / param
-        return a - 0.5 * param, np.sign(d)
-    # HUBER, param = delta
-    if a < param:
-        return 0.5 * d * d, d
-    return param * (a - 0.5 * param), param * np.sign(d)
+    if kind == SMOOTH_L1:  # param = beta > 0 (beta = 0 is sent as L1)
+        loss = 0.5 * d * d * inverse if a < param else a - 0.5 * param
+        g = d * inverse
+        g = 1.0 if d >= param else g
+        g = -1.0 if d <= -param else g
+        return loss, g
+    # HUBER, param = delta > 0
+    loss = 0.5 * d * d if a < param else param * (a - 0.5 * param)
+    g = param if d >= param else d
+    g = -param if d <= -param else g
+    return loss, g
 
 
 @parallel_kernel
@@ -34,28 +43,36 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
-    weighted = w.size > 0
-    want_loss = loss_out.size > 0
-    want_grad = grad_out.size > 0
-    per_element_go = go.size > 0
+    inverse = 1.0 / param if param > 0 else 0.0
     for c in prange(chunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
-        xs = x[lo:hi]
-        ys = y[lo:hi]
+        buf = np.empty(BLOCK)
         s = 0.0
-        for k in range(hi - lo):
-            loss, g = _element(kind, np.float64(xs[k]) - np.float64(ys[k]), param)
-            if weighted:
-                loss *= w[lo + k]
-                g *= w[lo + k]
-            if want_loss:
-                loss_out[lo + k] = loss
-            if want_grad:
-                if per_element_go:
-                    g *= go[lo + k]
-                grad_out[lo + k] = g * scale
-            s += loss
+        for lo in range(c * CHUNK, min(c * CHUNK + CHUNK, n), BLOCK):
+            hi = min(lo + BLOCK, n)
+            xs = x[lo:hi]
+            ys = y[lo:hi]
+            if w is not None:
+                ws = w[lo:hi]
+            if loss_out is not None:
+                ls = loss_out[lo:hi]
+            if grad_out is not None:
+                gs = grad_out[lo:hi]
+                if go is not None:
+                    gos = go[lo:hi]
+            for k in range(hi - lo):
+                loss, g = _element(kind, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
+                if w is not None:
+                    loss *= ws[k]
+                    g *= ws[k]
+                if loss_out is not None:
+                    ls[k] = loss
+                if grad_out is not None:
+                    if go is not None:
+                        g *= gos[k]
+                    gs[k] = g * scale
+                buf[k] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
         partials[c] = s
     total = 0.0
     for c in range(chunks):
@@ -63,20 +80,23 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
     return total
 
 
+def _flat(array):
+    return None if array is None else array.reshape(-1)
+
+
 def regression(p, loss_out, grads, grad_output, scale):
     """The KernelSpec function of all four losses; ``p.params = (kind, beta or delta)``."""
     x, y, w = p.arrays
     kind, param = p.params
-    dt = p.dtype
     return _regression(
         x.size,
         kind,
         x.reshape(-1),
         y.reshape(-1),
-        w.reshape(-1),
+        w.reshape(-1) if w.size else None,
         param,
-        or_empty(loss_out, dt),
-        or_empty(grads[0] if grads else None, dt),
-        or_empty(grad_output, dt),
+        _flat(loss_out),
+        _flat(grads[0]) if grads else None,
+        _flat(grad_output) if grads else None,
         scale,
     )

@@ -66,7 +66,7 @@ def main(args: Any) -> int:
         value, grad = loss.value_and_grad(*arrays, **options)
         ours = _median_time(lambda: loss.value_and_grad(*arrays, **options))  # noqa: B023
         shape = "x".join(map(str, arrays[0].shape))
-        print(f"{name}({shape}, {options or ''})")
+        print(f"{name}, input {shape}" + "".join(f", {k}={v}" for k, v in options.items()))
         print(
             f"  lossforge  value {float(value):.8g}  |grad|_1 {np.abs(grad).sum():.8g}"
             f"  {ours * 1e3:8.2f} ms"

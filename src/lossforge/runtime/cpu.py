@@ -21,6 +21,10 @@ import numpy as np
 #: rounding of sums, so it is a constant, not a tuning knob.
 CHUNK = 1 << 14
 
+#: Elements per block inside a chunk: per-element losses of a block go to a small buffer
+#: that ``tree_sum`` adds up. Also part of the numerical result.
+BLOCK = 1 << 10
+
 #: Below this many elements a call runs the serial variant: a parallel region costs
 #: microseconds to start and can wait a scheduler slice when the other core is busy.
 PARALLEL_MIN = 1 << 17
@@ -31,6 +35,22 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy", "boundschec
 def jit(fn: Callable) -> Any:
     """A serial kernel or helper: ``@njit`` with the project's options."""
     return numba.njit(**JIT_OPTIONS)(fn)
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def tree_sum(buf):
+    """Sum ``buf`` (float64, power-of-two length, destroyed) by halving: a fixed order that
+    vectorizes, where ``s += x`` is one serial add chain without fastmath.
+
+    Kernels compute a block's per-element losses into ``buf`` (zero-padding a short block),
+    then add ``tree_sum(buf)`` to the chunk's partial. Numba caches a kernel keyed on its own
+    source file: after editing this function, clear the ``__pycache__`` of the kernels."""
+    h = buf.size // 2
+    while h >= 1:
+        for i in range(h):
+            buf[i] = buf[i] + buf[i + h]
+        h //= 2
+    return buf[0]
 
 
 class KernelPair:
