@@ -9,6 +9,8 @@ broadcasts with a warning; lossforge refuses with ``ValueError``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
@@ -27,7 +29,7 @@ def _prepare(kind, param, weighted_mean, arrays, options, backend):
     (x, y), w, dtype, dtypes, shape = validate.elementwise(
         arrays, ("input", "target"), weight, backend
     )
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     denominator = validate.total(w, backend) if weighted_mean and w.size else float(n)
     return Prepared(
         arrays=(x, y, w),

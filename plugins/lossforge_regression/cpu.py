@@ -81,7 +81,7 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
 
 
 def _flat(array):
-    return None if array is None else array.reshape(-1)
+    return None if array is None else array.ravel()
 
 
 def regression(p, loss_out, grads, grad_output, scale):
@@ -91,9 +91,9 @@ def regression(p, loss_out, grads, grad_output, scale):
     return _regression(
         x.size,
         kind,
-        x.reshape(-1),
-        y.reshape(-1),
-        w.reshape(-1) if w.size else None,
+        x.ravel(),
+        y.ravel(),
+        w.ravel() if w.size else None,
         param,
         _flat(loss_out),
         _flat(grads[0]) if grads else None,

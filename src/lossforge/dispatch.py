@@ -15,15 +15,24 @@ BACKENDS = ("cpu", "cuda")
 
 def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
     """The backend for these arguments (``None`` entries are ignored)."""
+    host = device = 0
+    for a in arrays:
+        if a is None:
+            continue
+        if hasattr(a, "__cuda_array_interface__"):
+            device += 1
+        else:
+            host += 1
+    if forced is None and not device:
+        return "cpu"
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {forced!r}")
-    on_device = [hasattr(a, "__cuda_array_interface__") for a in arrays if a is not None]
-    if any(on_device) and not all(on_device):
+    if device and host:
         raise ValueError(
             "all array arguments must be on the same device: got a mix of host arrays and "
             "CUDA arrays (move them with numba.cuda.to_device, cupy.asarray or tensor.cuda())"
         )
-    found = "cuda" if on_device and all(on_device) else "cpu"
+    found = "cuda" if device else "cpu"
     if forced is None or forced == found:
         return found
     if forced == "cuda":

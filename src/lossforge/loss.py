@@ -10,6 +10,7 @@ the ``denominator`` that ``prepare`` computed.
 from __future__ import annotations
 
 import inspect
+import math
 from types import MappingProxyType
 from typing import Any
 
@@ -45,6 +46,7 @@ class Loss:
             ]
             + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)]
         )
+        self._defaults = dict(spec.options)
         self._registry = registry
         self._kernels: dict[str, tuple[Any, str]] = {}
 
@@ -89,19 +91,24 @@ class Loss:
         return float(total), float(p.denominator)
 
     # -- the per-call path ---------------------------------------------------------------
+    # Kept lean: a small-input call must cost a few microseconds above its kernel.
     def _prepare(self, arrays: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Any]:
         if len(arrays) != len(self.arguments):
             raise TypeError(
                 f"{self.name}() takes {len(self.arguments)} array arguments "
                 f"({', '.join(self.arguments)}), got {len(arrays)}"
             )
-        forced = options.pop("backend", None)
-        opts = dict(self.spec.options)
-        for key in options:
-            if key not in opts:
-                raise TypeError(f"{self.name}() got an unexpected keyword argument {key!r}")
-        opts.update(options)
-        if self.reduced:
+        forced = None
+        opts = self._defaults
+        if options:
+            forced = options.pop("backend", None)
+            unknown = options.keys() - self._defaults.keys()
+            if unknown:
+                raise TypeError(
+                    f"{self.name}() got an unexpected keyword argument {sorted(unknown)[0]!r}"
+                )
+            opts = {**self._defaults, **options}
+        if self.reduced and opts["reduction"] not in validate.REDUCTIONS:
             validate.check_reduction(opts["reduction"])
         backend = dispatch.backend_of(arrays, forced)
         p = self.spec.prepare(arrays, opts, backend)
@@ -120,36 +127,34 @@ class Loss:
         out: Any,
     ) -> tuple[Any, Any]:
         p, kernel = self._prepare(arrays, options)
-        reduced = p.reduction in ("mean", "sum")
+        reduced = p.reduction == "mean" or p.reduction == "sum"
         go = None
         scale = 1.0
         grads = finals = None
         if want_grad:
             if reduced:
                 g = 1.0 if grad_output is None else _scalar("grad_output", grad_output)
-                with np.errstate(divide="ignore", invalid="ignore"):  # an empty "mean"
-                    scale = g / np.float64(p.denominator) if p.reduction == "mean" else g
+                scale = _divide(g, p.denominator) if p.reduction == "mean" else g
             elif grad_output is not None:
                 go = self._grad_output_array(grad_output, p)
             grads, finals = self._grad_buffers(p, out)
         loss_out = None
         if want_value and not reduced:
             loss_out = dispatch.empty(p.value_shape, p.dtype, p.backend)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total = self._kernel_call(kernel, p, loss_out, grads, go, float(scale))
-            if reduced:
-                value = p.result_dtypes[0].type(
-                    total / np.float64(p.denominator) if p.reduction == "mean" else total
-                )
-            else:
-                value = _cast(loss_out, p.result_dtypes[0], p.backend) if want_value else None
+        total = self._kernel_call(kernel, p, loss_out, grads, go, scale)
+        if reduced:
+            if p.reduction == "mean":
+                total = _divide(total, p.denominator)
+            value = p.result_dtypes[0].type(total)
+        else:
+            value = _cast(loss_out, p.result_dtypes[0], p.backend) if want_value else None
         if want_grad:
-            for buffer, final in zip(grads, finals, strict=True):
+            for buffer, final in zip(grads, finals):
                 if final is not buffer:
                     final[...] = buffer  # float16 results, computed in float32
             if p.backend == "cuda":
                 value, finals = dispatch.cuda_runtime().to_caller(value, finals, arrays)
-            return value, (finals[0] if len(finals) == 1 else tuple(finals))
+            return value, (finals[0] if len(finals) == 1 else finals)
         if p.backend == "cuda":
             value, _ = dispatch.cuda_runtime().to_caller(value, (), arrays)
         return value, None
@@ -158,6 +163,8 @@ class Loss:
         function, plugin = kernel
         try:
             total = function(p, *args)
+            if type(total) is float:
+                return total
         except _CONTRACT_ERRORS:
             raise
         except Exception as exc:
@@ -187,24 +194,32 @@ class Loss:
 
     def _grad_buffers(self, p: Any, out: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """(what the kernel writes into, what the caller gets), per gradient."""
-        n = len(p.grad_shapes)
         dtypes = p.result_dtypes[1:]
         if out is None:
-            finals = tuple(
-                dispatch.empty(s, d, p.backend) for s, d in zip(p.grad_shapes, dtypes, strict=True)
-            )
+            if len(dtypes) == 1 and dtypes[0] is p.dtype:  # the common case, kept cheap
+                grad = (dispatch.empty(p.grad_shapes[0], p.dtype, p.backend),)
+                return grad, grad
+            finals = tuple(dispatch.empty(s, d, p.backend) for s, d in zip(p.grad_shapes, dtypes))
         else:
+            n = len(p.grad_shapes)
             finals = (out,) if n == 1 and not isinstance(out, tuple) else tuple(out)
             if len(finals) != n:
                 raise ValueError(f"out must be a tuple of {n} arrays, one per gradient")
-            for name, o, s, d in zip(
-                self.differentiable, finals, p.grad_shapes, dtypes, strict=True
-            ):
+            for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes):
                 _check_out(name, o, s, d, p.backend)
+        if all(f.dtype == p.dtype for f in finals):
+            return finals, finals
         buffers = tuple(
             f if f.dtype == p.dtype else dispatch.empty(f.shape, p.dtype, p.backend) for f in finals
         )
         return buffers, finals
+
+
+def _divide(a: float, b: float) -> float:
+    """IEEE division of Python floats (no ZeroDivisionError): an empty "mean" is nan."""
+    if b:
+        return a / b
+    return math.copysign(math.inf, a) if a else math.nan
 
 
 def _scalar(name: str, value: Any) -> float:

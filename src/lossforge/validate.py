@@ -19,7 +19,7 @@ from lossforge import dispatch
 REDUCTIONS = ("none", "mean", "sum")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Prepared:
     """Validated, normalised arguments of one loss call, as the kernels receive them.
 
@@ -140,6 +140,30 @@ def check_length(name: str, array: Any, expected: int, what: str) -> None:
         )
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_EMPTY = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}
+
+
+def _same_ready_arrays(arrays: Sequence[Any]) -> np.dtype | None:
+    """The dtype when every array is already what kernels want (NumPy, C-contiguous, native
+    float32 or float64, one dtype and shape): the common case skips normalisation."""
+    first = arrays[0]
+    if type(first) is not np.ndarray:
+        return None
+    dtype = first.dtype
+    if dtype is not _F32 and dtype is not _F64:
+        return None
+    for a in arrays:
+        if (
+            type(a) is not np.ndarray
+            or a.dtype is not dtype
+            or a.shape != first.shape
+            or not a.flags.c_contiguous
+        ):
+            return None
+    return dtype
+
+
 def elementwise(
     arrays: Sequence[Any],
     names: Sequence[str],
@@ -153,6 +177,10 @@ def elementwise(
     result dtype followed by each array's own dtype (that of its gradient); ``weight`` is a
     length-0 array of the compute dtype when not given, so kernels have one signature.
     """
+    if backend == "cpu" and weight is None:
+        fast = _same_ready_arrays(arrays)
+        if fast is not None:
+            return list(arrays), _EMPTY[fast], fast, (fast,) * (len(arrays) + 1), arrays[0].shape
     raw = [as_array(a, backend) for a in arrays]
     dtypes = [float_dtype(n, a) for n, a in zip(names, raw, strict=True)]
     shape = check_same_shape(names, raw)
