@@ -107,8 +107,14 @@ def as_array(value: Any, backend: str) -> Any:
 def as_float(name: str, array: Any, dtype: np.dtype, backend: str) -> Any:
     """``array`` (already checked by ``float_dtype``) as C-contiguous native ``dtype``."""
     if backend == "cpu":
-        return np.ascontiguousarray(array, dtype=dtype)
+        return _contiguous(array, dtype)
     return dispatch.cuda_runtime().as_contiguous(array, dtype)
+
+
+def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one
+    array = np.asarray(array, dtype=dtype)
+    return array if array.flags.c_contiguous else array.copy()
 
 
 def as_index(name: str, array: Any, backend: str) -> Any:
@@ -117,7 +123,7 @@ def as_index(name: str, array: Any, backend: str) -> Any:
     if dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {dtype.name}")
     if backend == "cpu":
-        return np.ascontiguousarray(array, dtype=np.int64)
+        return _contiguous(array, np.dtype(np.int64))
     return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
 
 

@@ -1,0 +1,195 @@
+"""The multi-class family: ``cross_entropy`` and ``nll_loss``, with PyTorch 2.13's semantics.
+
+Shapes: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes along dimension 1);
+class-index targets ``()``, ``(N)`` or ``(N, d1, ..., dk)`` of any integer dtype; for
+``cross_entropy`` also class-probability targets of the input's shape (float). The kernels
+work on rows of classes: K-dimensional inputs are moved to ``(N * d1 * ... * dk, C)`` first
+(one copy), and the gradient is moved back.
+
+``"mean"`` divides by the summed class weights of the non-ignored targets (their count
+without weights), for ``label_smoothing`` too, as PyTorch does; with probability targets it
+divides by the number of rows ``N * d1 * ... * dk``, whatever the weights, and
+``ignore_index`` does not apply. A "mean" with every target ignored is ``nan``, with a zero
+gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge_multiclass.cpu import check_targets
+
+_SHAPE = """
+    Shape:
+        input: (C), (N, C) or (N, C, d1, ..., dk), classes along dimension 1.
+        target: class indices (), (N) or (N, d1, ..., dk), any integer dtype, in [0, C) or
+            equal to ignore_index{probs}.
+        weight: (C), one per class.
+        Output: a scalar for "mean" and "sum"; for "none", the target's (index) shape.
+"""
+
+
+def _prepare(name, arrays, options, backend):
+    x = validate.as_array(arrays[0], backend)
+    t = validate.as_array(arrays[1], backend)
+    dtypes = [validate.float_dtype("input", x)]
+    if x.ndim == 0:
+        raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dk), got ()")
+    classes = x.shape[1] if x.ndim > 1 else x.shape[0]
+    probabilities = name == "cross_entropy" and np.dtype(t.dtype).kind == "f"
+    if probabilities:
+        dtypes.append(validate.float_dtype("target", t))
+        validate.check_same_shape(("input", "target"), (x, t))
+    else:
+        index_shape = (x.shape[0], *x.shape[2:]) if x.ndim > 1 else ()
+        t = validate.as_index("target", t, backend)
+        if tuple(t.shape) != index_shape:
+            raise ValueError(
+                f"target of class indices must have shape {index_shape} for input of shape "
+                f"{tuple(x.shape)} (the input's shape without the class dimension 1), got "
+                f"target of shape {tuple(t.shape)}"
+            )
+    ignore_index = validate.check_int("ignore_index", options["ignore_index"])
+    smoothing = 0.0
+    if name == "cross_entropy":
+        smoothing = validate.check_range("label_smoothing", options["label_smoothing"], 0.0, 1.0)
+    dtype, result = validate.compute_dtype(*dtypes)
+    weight = options["weight"]
+    if weight is None:
+        weight = np.empty(0, dtype)
+    else:
+        weight = validate.as_array(weight, backend)
+        validate.float_dtype("weight", weight)
+        validate.check_length("weight", weight, classes, "one per class")
+        weight = validate.as_float("weight", weight, dtype, backend)
+
+    moved = None  # the shape of the moved rows when the input is K-dimensional
+    if x.ndim == 1:
+        z = x.reshape(1, classes)
+        t = t.reshape(1, classes) if probabilities else t.reshape(1)
+    elif x.ndim == 2:
+        z = x
+    else:
+        z = np.moveaxis(x, 1, -1)
+        moved = z.shape
+        z = z.reshape(-1, classes)
+        t = np.moveaxis(t, 1, -1).reshape(-1, classes) if probabilities else t.reshape(-1)
+    z = validate.as_float("input", z, dtype, backend)
+    rows = z.shape[0]
+    if probabilities:
+        t = validate.as_float("target", t, dtype, backend)
+        denominator = float(rows)
+    else:
+        bad, denominator = check_targets(t, classes, ignore_index, weight if weight.size else None)
+        if bad != ignore_index:
+            raise IndexError(
+                f"target {bad} is out of bounds: class indices must be in [0, {classes}) "
+                f"or equal to ignore_index={ignore_index}"
+            )
+    value_shape = () if x.ndim == 1 else (x.shape[0], *x.shape[2:])
+    return Prepared(
+        arrays=(z, t, weight),
+        params=(moved, probabilities, ignore_index, smoothing),
+        reduction=options["reduction"],
+        denominator=denominator,
+        value_shape=value_shape,
+        grad_shapes=(tuple(x.shape),),
+        dtype=dtype,
+        result_dtypes=(result, dtypes[0]),
+        backend=backend,
+    )
+
+
+def _prepare_cross_entropy(arrays, options, backend):
+    return _prepare("cross_entropy", arrays, options, backend)
+
+
+def _prepare_nll(arrays, options, backend):
+    return _prepare("nll_loss", arrays, options, backend)
+
+
+# float64 references for the conformance kit: per-element (per-row) losses.
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    axis = 1 if x.ndim > 1 else 0
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def _ref_nll(input, target, weight=None, ignore_index=-100, **_):
+    x = np.asarray(input, np.float64)
+    axis = 1 if x.ndim > 1 else 0
+    classes = x.shape[axis]
+    w = np.ones(classes) if weight is None else np.asarray(weight, np.float64)
+    t = np.asarray(target)
+    keep = t != ignore_index
+    safe = np.where(keep, t, 0)
+    picked = np.take_along_axis(x, np.expand_dims(safe, axis), axis).squeeze(axis)
+    return np.where(keep, -w[safe] * picked, 0.0)
+
+
+def _ref_cross_entropy(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, **_):
+    logp = _log_softmax(input)
+    axis = 1 if logp.ndim > 1 else 0
+    classes = logp.shape[axis]
+    w = np.ones(classes) if weight is None else np.asarray(weight, np.float64)
+    shape = [1] * logp.ndim
+    shape[axis] = classes
+    wb = w.reshape(shape)
+    t = np.asarray(target)
+    if t.dtype.kind == "f":
+        y = t * (1 - label_smoothing) + label_smoothing / classes
+        return -(logp * y * wb).sum(axis)
+    smooth = -(logp * wb).sum(axis)
+    smooth = np.where(t != ignore_index, smooth, 0.0)
+    return (1 - label_smoothing) * _ref_nll(logp, t, weight, ignore_index) + (
+        label_smoothing / classes
+    ) * smooth
+
+
+SPECS = [
+    LossSpec(
+        name="cross_entropy",
+        family="multiclass",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0},
+        prepare=_prepare_cross_entropy,
+        reference=_ref_cross_entropy,
+        doc="""Cross entropy of logits: ``log_softmax`` then the negative log-likelihood.
+
+    For a class-index target ``t`` with smoothing ``e`` and class weights ``w``:
+    ``loss = (1 - e) w_t (lse - z_t) + (e / C) sum_c w_c (lse - z_c)``, with
+    ``lse = log sum_c exp(z_c)`` computed stably (finite for logits of +-1e4).
+    For probability targets ``y``: ``loss = -sum_c w_c y'_c log_softmax(z)_c`` with
+    ``y' = (1 - e) y + e / C``. Gradient: ``A softmax(z) - a`` where ``a`` are the
+    coefficients of ``-log_softmax(z)_c`` above and ``A = sum_c a_c``.
+"""
+        + _SHAPE.format(probs="; or probabilities of the input's shape (float)"),
+    ),
+    LossSpec(
+        name="nll_loss",
+        family="multiclass",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"weight": None, "ignore_index": -100, "reduction": "mean"},
+        prepare=_prepare_nll,
+        reference=_ref_nll,
+        doc="""Negative log-likelihood of log-probabilities: ``loss = -w_t input[t]``,
+    0 where ``target == ignore_index``. Gradient: ``-w_t`` at the target class, 0 elsewhere.
+"""
+        + _SHAPE.format(probs=""),
+    ),
+]
+
+
+@hookimpl
+def lossforge_losses():
+    return SPECS
+
+
+@hookimpl
+def lossforge_kernels():
+    yield KernelSpec("cross_entropy", "cpu", "lossforge_multiclass.cpu:cross_entropy")
+    yield KernelSpec("nll_loss", "cpu", "lossforge_multiclass.cpu:nll_loss")

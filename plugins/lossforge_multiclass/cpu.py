@@ -1,0 +1,225 @@
+"""CPU kernels of the multi-class family, on rows of logits ``z`` of shape ``(R, C)``.
+
+Per row, with ``lse = log(sum_c exp(z_c))`` computed as ``max + log(sum exp(z - max))``:
+the loss is ``-sum_c a_c (z_c - lse)`` for class coefficients ``a`` (the one-hot target,
+label smoothing and class weights folded in) and its gradient is ``A softmax(z) - a`` with
+``A = sum_c a_c``. A row is read three times (max, sum of exponentials, gradient), from cache
+where it fits, and the gradient is written once.
+
+Rows are grouped into chunks of about ``CHUNK`` elements (boundaries depend on the shape
+only); per-row losses are summed by ``tree_sum`` per block and the chunk partials in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+
+
+@jit
+def check_targets(t, classes, ignore_index, w):
+    """(first out-of-range target or ``ignore_index`` if none, summed weight of the counted
+    targets) in one pass over the class indices."""
+    denominator = 0.0
+    for i in range(t.size):
+        k = t[i]
+        if k == ignore_index:
+            continue
+        if k < 0 or k >= classes:
+            return k, 0.0
+        denominator += 1.0 if w is None else np.float64(w[k])
+    return ignore_index, denominator
+
+
+@jit
+def _row_lse(zs):
+    """log sum exp of a row, in float64."""
+    m = -np.inf
+    for j in range(zs.size):
+        m = max(m, np.float64(zs[j]))
+    s = 0.0
+    for j in range(zs.size):
+        s += math.exp(np.float64(zs[j]) - m)
+    return m + math.log(s)
+
+
+@jit
+def _rows_per_chunk(classes):
+    return max(1, CHUNK // max(classes, 1))
+
+
+@parallel_kernel
+def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, go, scale):
+    rows, classes = z.shape
+    per_chunk = _rows_per_chunk(classes)
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    off = smoothing / classes if classes else 0.0
+    total_weight = float(classes)
+    if w is not None:
+        total_weight = 0.0
+        for j in range(classes):
+            total_weight += np.float64(w[j])
+    for c in prange(chunks):
+        buf = np.empty(BLOCK)
+        s = 0.0
+        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
+            hi = min(lo + BLOCK, rows)
+            for i in range(lo, hi):
+                k = t[i]
+                if k == ignore_index:
+                    loss = 0.0
+                    if grad_out is not None:
+                        grad_out[i, :] = 0.0
+                else:
+                    zs = z[i]
+                    lse = _row_lse(zs)
+                    wt = 1.0 if w is None else np.float64(w[k])
+                    weighted_sum = 0.0  # sum_c w_c z_c
+                    if smoothing != 0.0:
+                        for j in range(classes):
+                            wj = 1.0 if w is None else np.float64(w[j])
+                            weighted_sum += wj * np.float64(zs[j])
+                    hit = (1.0 - smoothing) * wt
+                    loss = hit * (lse - np.float64(zs[k]))
+                    if smoothing != 0.0:
+                        loss += off * (total_weight * lse - weighted_sum)
+                    if grad_out is not None:
+                        g = scale if go is None else scale * np.float64(go[i])
+                        big_a = (hit + off * total_weight) * g
+                        gs = grad_out[i]
+                        for j in range(classes):
+                            wj = 1.0 if w is None else np.float64(w[j])
+                            gs[j] = big_a * math.exp(np.float64(zs[j]) - lse) - off * wj * g
+                        gs[k] -= hit * g
+                if loss_out is not None:
+                    loss_out[i] = loss
+                buf[i - lo] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+@parallel_kernel
+def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
+    rows, classes = z.shape
+    per_chunk = _rows_per_chunk(classes)
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    off = smoothing / classes if classes else 0.0
+    for c in prange(chunks):
+        buf = np.empty(BLOCK)
+        s = 0.0
+        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
+            hi = min(lo + BLOCK, rows)
+            for i in range(lo, hi):
+                zs = z[i]
+                ys = y[i]
+                lse = _row_lse(zs)
+                big_a = 0.0  # sum_c a_c with a_c = w_c ((1 - smoothing) y_c + off)
+                az = 0.0  # sum_c a_c z_c
+                for j in range(classes):
+                    a = (1.0 - smoothing) * np.float64(ys[j]) + off
+                    if w is not None:
+                        a *= np.float64(w[j])
+                    big_a += a
+                    az += a * np.float64(zs[j])
+                loss = big_a * lse - az
+                if grad_out is not None:
+                    g = scale if go is None else scale * np.float64(go[i])
+                    gs = grad_out[i]
+                    for j in range(classes):
+                        a = (1.0 - smoothing) * np.float64(ys[j]) + off
+                        if w is not None:
+                            a *= np.float64(w[j])
+                        gs[j] = (big_a * math.exp(np.float64(zs[j]) - lse) - a) * g
+                if loss_out is not None:
+                    loss_out[i] = loss
+                buf[i - lo] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+@parallel_kernel
+def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
+    rows, classes = x.shape
+    per_chunk = _rows_per_chunk(classes)
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    for c in prange(chunks):
+        buf = np.empty(BLOCK)
+        s = 0.0
+        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
+            hi = min(lo + BLOCK, rows)
+            for i in range(lo, hi):
+                k = t[i]
+                if grad_out is not None:
+                    grad_out[i, :] = 0.0
+                loss = 0.0
+                if k != ignore_index:
+                    wt = 1.0 if w is None else np.float64(w[k])
+                    loss = -wt * np.float64(x[i, k])
+                    if grad_out is not None:
+                        g = scale if go is None else scale * np.float64(go[i])
+                        grad_out[i, k] = -wt * g
+                if loss_out is not None:
+                    loss_out[i] = loss
+                buf[i - lo] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
+    """Runs a row kernel on ``p.arrays = (rows of logits, targets, weight)`` and moves the
+    gradient back to the input's layout when the rows are a moved copy (K-dimensional)."""
+    z, t, w = p.arrays
+    grad = grads[0] if grads else None
+    rows_grad = None
+    if grad is not None:
+        rows_grad = grad.reshape(z.shape) if p.params[0] is None else np.empty_like(z)
+    total = kernel(
+        z.size,
+        z,
+        t,
+        w if w.size else None,
+        *options,
+        None if loss_out is None else loss_out.reshape(-1),
+        rows_grad,
+        None if grad_output is None else grad_output.reshape(-1),
+        scale,
+    )
+    if grad is not None and p.params[0] is not None:
+        shape = p.params[0]  # (N, d1, ..., dk, C): rows are the class dimension moved last
+        np.copyto(grad, np.moveaxis(rows_grad.reshape(shape), -1, 1))
+    return total
+
+
+def cross_entropy(p, loss_out, grads, grad_output, scale):
+    _, probabilities, ignore_index, smoothing = p.params
+    if probabilities:
+        return _run(_cross_entropy_probs, p, loss_out, grads, grad_output, scale, smoothing)
+    return _run(
+        _cross_entropy_index, p, loss_out, grads, grad_output, scale, ignore_index, smoothing
+    )
+
+
+def nll_loss(p, loss_out, grads, grad_output, scale):
+    return _run(_nll, p, loss_out, grads, grad_output, scale, p.params[2])
