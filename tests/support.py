@@ -91,3 +91,29 @@ def assert_unchanged(before: list[np.ndarray], arrays: Sequence[Any]) -> None:
 
 def rtol_for(dtype: Any) -> float:
     return {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-12}[np.dtype(dtype).type]
+
+
+def _to_numpy(value: Any, dtype: Any) -> Any:
+    if torch is not None and isinstance(value, torch.Tensor):
+        array = value.detach().numpy()
+        return array.astype(dtype) if array.dtype.kind == "f" else array
+    return value
+
+
+def torch_samples(op: str, n_arrays: int = 2):
+    """PyTorch's own sample inputs for ``torch.nn.functional.<op>`` (its OpInfo), float32
+    and float64, as ``(arrays, options)`` with NumPy arrays: the first ``n_arrays``
+    positional arguments, then keyword options."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (info,) = [o for o in op_db if o.name == f"nn.functional.{op}"]
+    for dtype, np_dtype in [(torch.float32, np.float32), (torch.float64, np.float64)]:
+        for sample in info.sample_inputs("cpu", dtype, requires_grad=True):
+            values = [sample.input, *sample.args]
+            options = dict(sample.kwargs)
+            for key in ("target", "input2", "x2"):
+                if key in options and len(values) < n_arrays:
+                    values.append(options.pop(key))
+            arrays = [_to_numpy(v, np_dtype) for v in values[:n_arrays]]
+            options = {k: _to_numpy(v, np_dtype) for k, v in options.items()}
+            yield arrays, options

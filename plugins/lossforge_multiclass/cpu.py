@@ -67,8 +67,9 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         s = 0.0
-        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
-            hi = min(lo + BLOCK, rows)
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
             for i in range(lo, hi):
                 k = t[i]
                 if k == ignore_index:
@@ -118,8 +119,9 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         s = 0.0
-        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
-            hi = min(lo + BLOCK, rows)
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
             for i in range(lo, hi):
                 zs = z[i]
                 ys = y[i]
@@ -162,8 +164,9 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         s = 0.0
-        for lo in range(c * per_chunk, min(c * per_chunk + per_chunk, rows), BLOCK):
-            hi = min(lo + BLOCK, rows)
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
             for i in range(lo, hi):
                 k = t[i]
                 if grad_out is not None:

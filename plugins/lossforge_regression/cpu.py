@@ -47,8 +47,9 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         s = 0.0
-        for lo in range(c * CHUNK, min(c * CHUNK + CHUNK, n), BLOCK):
-            hi = min(lo + BLOCK, n)
+        end = min(c * CHUNK + CHUNK, n)
+        for lo in range(c * CHUNK, end, BLOCK):
+            hi = min(lo + BLOCK, end)
             xs = x[lo:hi]
             ys = y[lo:hi]
             if w is not None:
