@@ -54,14 +54,14 @@ def check_reduction(reduction: object) -> str:
 
 
 def check_nonnegative(name: str, value: object) -> float:
-    value = _real(name, value)
+    value = check_real(name, value)
     if not value >= 0:  # also rejects nan
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     return value
 
 
 def check_range(name: str, value: object, lo: float, hi: float) -> float:
-    value = _real(name, value)
+    value = check_real(name, value)
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return value
@@ -73,7 +73,7 @@ def check_int(name: str, value: object) -> int:
     return int(value)
 
 
-def _real(name: str, value: object) -> float:
+def check_real(name: str, value: object) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, np.complexfloating):

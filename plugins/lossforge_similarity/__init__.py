@@ -1,0 +1,156 @@
+"""The similarity family: ``cosine_similarity`` and ``cosine_embedding_loss``, with
+PyTorch 2.13's semantics; gradients for both inputs.
+
+The two inputs must have the same shape (PyTorch broadcasts them; lossforge refuses with
+``ValueError``). The kernels work on rows along the reduced dimension: for
+``cosine_similarity`` with ``dim`` not the last dimension, the inputs are moved to rows first
+(one copy) and the gradients moved back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+
+
+def _prepare_cosine_similarity(arrays, options, backend):
+    (x1, x2), _, dtype, dtypes, shape = validate.elementwise(arrays, ("x1", "x2"), None, backend)
+    dim = validate.check_int("dim", options["dim"])
+    eps = validate.check_nonnegative("eps", options["eps"])
+    ndim = len(shape)
+    if ndim == 0 and dim in (-1, 0):  # PyTorch treats a 0-d input as one element along dim
+        return Prepared(
+            arrays=(x1.reshape(1, 1), x2.reshape(1, 1)),
+            params=(eps, None, 0),
+            reduction=None,
+            denominator=1.0,
+            value_shape=(),
+            grad_shapes=(shape, shape),
+            dtype=dtype,
+            result_dtypes=dtypes,
+            backend=backend,
+        )
+    if not -ndim <= dim < max(ndim, 1):
+        raise IndexError(
+            f"dim {dim} is out of range for inputs of {ndim} dimensions "
+            f"(expected in [{-ndim}, {ndim - 1}])"
+        )
+    dim %= ndim
+    size = shape[dim]
+    moved = None
+    if dim == ndim - 1:
+        x1, x2 = x1.reshape(-1, size), x2.reshape(-1, size)
+    else:
+        moved = tuple(np.moveaxis(x1, dim, -1).shape)
+        x1 = np.ascontiguousarray(np.moveaxis(x1, dim, -1)).reshape(-1, size)
+        x2 = np.ascontiguousarray(np.moveaxis(x2, dim, -1)).reshape(-1, size)
+    return Prepared(
+        arrays=(x1, x2),
+        params=(eps, moved, dim),
+        reduction=None,
+        denominator=1.0,
+        value_shape=shape[:dim] + shape[dim + 1 :],
+        grad_shapes=(shape, shape),
+        dtype=dtype,
+        result_dtypes=dtypes,
+        backend=backend,
+    )
+
+
+def _prepare_cosine_embedding(arrays, options, backend):
+    (x1, x2), _, dtype, dtypes, shape = validate.elementwise(
+        arrays[:2], ("input1", "input2"), None, backend
+    )
+    t = validate.as_array(arrays[2], backend)
+    if np.dtype(t.dtype).kind not in "iuf":
+        raise TypeError(f"target must hold 1 or -1 (integer or float), got dtype {t.dtype}")
+    if len(shape) not in (1, 2) or tuple(t.shape) != shape[:-1]:
+        raise ValueError(
+            "cosine_embedding_loss expects inputs (N, D) with target (N), or inputs (D) with "
+            f"target (); got inputs of shape {shape} and target of shape {tuple(t.shape)}"
+        )
+    margin = validate.check_real("margin", options["margin"])
+    rows = shape[0] if len(shape) == 2 else 1
+    return Prepared(
+        arrays=(
+            x1.reshape(rows, shape[-1]),
+            x2.reshape(rows, shape[-1]),
+            np.asarray(t, np.float64).reshape(-1),
+        ),
+        params=(margin,),
+        reduction=options["reduction"],
+        denominator=float(rows),
+        value_shape=shape[:-1],
+        grad_shapes=(shape, shape),
+        dtype=dtype,
+        result_dtypes=dtypes,
+        backend=backend,
+    )
+
+
+# float64 references for the conformance kit.
+def _ref_cosine_similarity(x1, x2, dim=1, eps=1e-8, **_):
+    a, b = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    n1 = np.maximum(np.linalg.norm(a, axis=dim, keepdims=True), eps)
+    n2 = np.maximum(np.linalg.norm(b, axis=dim, keepdims=True), eps)
+    return ((a / n1) * (b / n2)).sum(axis=dim)
+
+
+def _ref_cosine_embedding(input1, input2, target, margin=0.0, **_):
+    a, b = np.asarray(input1, np.float64), np.asarray(input2, np.float64)
+    cos = (a * b).sum(-1) / np.sqrt(((a * a).sum(-1) + 1e-12) * ((b * b).sum(-1) + 1e-12))
+    t = np.asarray(target)
+    return np.where(t == 1, 1 - cos, np.where(t == -1, np.maximum(cos - margin, 0), 0.0))
+
+
+SPECS = [
+    LossSpec(
+        name="cosine_similarity",
+        family="similarity",
+        arguments=("x1", "x2"),
+        differentiable=("x1", "x2"),
+        options={"dim": 1, "eps": 1e-8},
+        prepare=_prepare_cosine_similarity,
+        reference=_ref_cosine_similarity,
+        doc="""Cosine similarity along ``dim`` (a similarity: not reduced, no ``reduction``):
+    ``sum(x1 / max(|x1|, eps) * x2 / max(|x2|, eps))``, as PyTorch computes it.
+    ``grad`` returns ``(d/dx1, d/dx2)``; ``grad_output`` has the value's shape.
+
+    Shape:
+        x1, x2: the same shape, any number of dimensions; ``dim`` in [-ndim, ndim).
+        Output: the inputs' shape without ``dim``.
+""",
+    ),
+    LossSpec(
+        name="cosine_embedding_loss",
+        family="similarity",
+        arguments=("input1", "input2", "target"),
+        differentiable=("input1", "input2"),
+        options={"margin": 0.0, "reduction": "mean"},
+        prepare=_prepare_cosine_embedding,
+        reference=_ref_cosine_embedding,
+        doc="""Cosine embedding loss: ``1 - cos`` where ``target == 1`` and
+    ``max(0, cos - margin)`` where ``target == -1`` (other targets give 0, as in PyTorch),
+    with ``cos = x1.x2 / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12))``.
+    ``grad`` returns ``(d/dinput1, d/dinput2)``.
+
+    Shape:
+        input1, input2: (N, D) or (D). target: (N) or ().
+        Output: a scalar for "mean" and "sum"; (N) or () for "none".
+""",
+    ),
+]
+
+
+@hookimpl
+def lossforge_losses():
+    return SPECS
+
+
+@hookimpl
+def lossforge_kernels():
+    yield KernelSpec("cosine_similarity", "cpu", "lossforge_similarity.cpu:cosine_similarity")
+    yield KernelSpec(
+        "cosine_embedding_loss", "cpu", "lossforge_similarity.cpu:cosine_embedding_loss"
+    )

@@ -1,0 +1,162 @@
+"""CPU kernels of the similarity family, on rows ``(R, D)`` of the two inputs: one pass for
+the dot product and squared norms (float64), a second over the same (cached) rows for the two
+gradients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+
+
+@jit
+def _dot_and_norms(a, b):
+    dot = 0.0
+    aa = 0.0
+    bb = 0.0
+    for k in range(a.size):
+        x = np.float64(a[k])
+        y = np.float64(b[k])
+        dot += x * y
+        aa += x * x
+        bb += y * y
+    return dot, aa, bb
+
+
+@parallel_kernel
+def _cosine_similarity(x1, x2, eps, loss_out, g1_out, g2_out, go):
+    """PyTorch's definition: ``sum(x1 / max(|x1|, eps) * x2 / max(|x2|, eps))``; in the
+    gradient the norms' own derivative is that of the unclamped norm (0 at a zero vector),
+    as autograd gives it there."""
+    rows, dim = x1.shape
+    per_chunk = max(1, CHUNK // max(dim, 1))
+    chunks = (rows + per_chunk - 1) // per_chunk
+    for c in prange(chunks):
+        for i in range(c * per_chunk, min(c * per_chunk + per_chunk, rows)):
+            a = x1[i]
+            b = x2[i]
+            dot, aa, bb = _dot_and_norms(a, b)
+            n1 = math.sqrt(aa)
+            n2 = math.sqrt(bb)
+            c1 = max(n1, eps)
+            c2 = max(n2, eps)
+            cos = dot / (c1 * c2)
+            if loss_out is not None:
+                loss_out[i] = cos
+            if g1_out is not None:
+                g = 1.0 if go is None else np.float64(go[i])
+                inv = g / (c1 * c2)
+                r1 = cos * g / (c1 * n1) if n1 > 0 else 0.0
+                r2 = cos * g / (c2 * n2) if n2 > 0 else 0.0
+                ga = g1_out[i]
+                gb = g2_out[i]
+                for k in range(dim):
+                    x = np.float64(a[k])
+                    y = np.float64(b[k])
+                    ga[k] = y * inv - x * r1
+                    gb[k] = x * inv - y * r2
+    return 0.0
+
+
+#: PyTorch's cosine_embedding_loss adds this to each squared norm.
+EMBEDDING_EPSILON = 1e-12
+
+
+@parallel_kernel
+def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
+    rows, dim = x1.shape
+    per_chunk = max(1, CHUNK // max(dim, 1))
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    for c in prange(chunks):
+        buf = np.empty(BLOCK)
+        s = 0.0
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            for i in range(lo, hi):
+                a = x1[i]
+                b = x2[i]
+                dot, aa, bb = _dot_and_norms(a, b)
+                m1 = aa + EMBEDDING_EPSILON
+                m2 = bb + EMBEDDING_EPSILON
+                denominator = math.sqrt(m1 * m2)
+                cos = dot / denominator
+                target = t[i]
+                loss = 0.0
+                sign = 0.0  # d loss / d cos
+                if target == 1:
+                    loss = 1.0 - cos
+                    sign = -1.0
+                elif target == -1:
+                    loss = max(cos - margin, 0.0)
+                    sign = 1.0 if cos - margin >= 0 else 0.0  # PyTorch's clamp_min gradient
+                if loss_out is not None:
+                    loss_out[i] = loss
+                if g1_out is not None:
+                    g = sign * scale * (1.0 if go is None else np.float64(go[i]))
+                    inv = g / denominator
+                    ga = g1_out[i]
+                    gb = g2_out[i]
+                    for k in range(dim):
+                        x = np.float64(a[k])
+                        y = np.float64(b[k])
+                        ga[k] = y * inv - g * cos * x / m1
+                        gb[k] = x * inv - g * cos * y / m2
+                buf[i - lo] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+def cosine_similarity(p, loss_out, grads, grad_output, scale):
+    """``p.params = (eps, moved, dim)``: ``moved`` is the input's shape with ``dim`` moved
+    last when the rows are such a moved copy, else None."""
+    x1, x2 = p.arrays
+    eps, moved, dim = p.params
+    g1 = g2 = None
+    if grads:
+        if moved is None:
+            g1, g2 = (g.reshape(x1.shape) for g in grads)
+        else:
+            g1, g2 = np.empty_like(x1), np.empty_like(x2)
+    _cosine_similarity(
+        x1.size,
+        x1,
+        x2,
+        eps,
+        None if loss_out is None else loss_out.reshape(-1),
+        g1,
+        g2,
+        None if grad_output is None else grad_output.reshape(-1),
+    )
+    if grads and moved is not None:
+        for final, rows in zip(grads, (g1, g2)):
+            np.copyto(final, np.moveaxis(rows.reshape(moved), -1, dim))
+    return 0.0
+
+
+def cosine_embedding_loss(p, loss_out, grads, grad_output, scale):
+    x1, x2, t = p.arrays
+    g1 = g2 = None
+    if grads:
+        g1, g2 = (g.reshape(x1.shape) for g in grads)
+    return _cosine_embedding(
+        x1.size,
+        x1,
+        x2,
+        t,
+        p.params[0],
+        None if loss_out is None else loss_out.reshape(-1),
+        g1,
+        g2,
+        None if grad_output is None else grad_output.reshape(-1),
+        scale,
+    )
