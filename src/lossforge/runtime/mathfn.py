@@ -1,0 +1,131 @@
+"""Vectorizable ``exp``, ``log`` and ``log1p`` for float64, for use inside Numba kernels.
+
+Numba's ``math.exp``/``math.log`` are scalar libm calls (the wheels' llvmlite has no SVML), so
+a loop calling them never vectorizes: exp-heavy losses ran 3-6x slower than their memory
+traffic allows. These are branch-free (selects and bit manipulation only), so LLVM turns a
+loop over them into AVX-512/AVX2 code. Accuracy: within 2 ulp of the correctly rounded result
+over the whole float64 range (tests/test_mathfn.py checks it), with IEEE behaviour at the
+edges: ``exp(-inf) = 0``, ``exp(inf) = inf``, overflow to ``inf``, gradual underflow to
+subnormals; ``log(0) = -inf``, ``log(x < 0) = nan``, ``log(inf) = inf``; nan propagates.
+
+Numba's on-disk cache keys a kernel on its own source file only: after editing this module,
+clear the ``__pycache__`` folders of the kernels that call it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_INLINE = {"inline": "always", "cache": True, "error_model": "numpy", "nogil": True}
+
+
+@intrinsic
+def _as_int64(typingctx, x):
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def _as_float64(typingctx, i):
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@numba.njit(**_INLINE)
+def _pow2(n):
+    """2.0 ** n for an integer n in [-1022, 1023]."""
+    return _as_float64((n + 1023) << 52)
+
+
+@numba.njit(**_INLINE)
+def exp(x):
+    """e ** x for float64 x."""
+    x = 709.8 if x > 709.8 else x  # nan fails both tests and stays nan
+    x = -745.2 if x < -745.2 else x
+    k = 0.0 if x != x else x * _LOG2E + 0.5  # nan must not reach the int conversion
+    n = numba.int64(k if k >= 0 else k - 1.0)  # floor, for |k| < 2 ** 52
+    fn = numba.float64(n)
+    r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
+    # Taylor series of exp(r) to r**13 / 13!: the remainder is < 2 ** -58 relative.
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    half = n >> 1  # 2**n as two factors, so that subnormal results round once
+    return p * _pow2(half) * _pow2(n - half)
+
+
+_SQRT2 = 1.4142135623730951
+_MANTISSA = (1 << 52) - 1
+
+
+@numba.njit(**_INLINE)
+def log(x):
+    """Natural logarithm of float64 x."""
+    tiny = x < 2.2250738585072014e-308  # subnormal (or 0, negative): scale into range
+    y = x * 18014398509481984.0 if tiny else x  # 2 ** 54
+    bits = _as_int64(y)
+    e = ((bits >> 52) & 0x7FF) - 1023 - (54 if tiny else 0)
+    m = _as_float64((bits & _MANTISSA) | (1023 << 52))  # in [1, 2)
+    big = m > _SQRT2
+    m = m * 0.5 if big else m
+    e = e + 1 if big else e
+    f = m - 1.0  # in [sqrt(1/2) - 1, sqrt(2) - 1]
+    s = f / (2.0 + f)
+    z = s * s
+    # log(m) = 2 atanh(s) = 2 (s + s**3/3 + ...): terms to s**21, remainder < 2 ** -60
+    q = 1.0 / 21.0
+    q = q * z + 1.0 / 19.0
+    q = q * z + 1.0 / 17.0
+    q = q * z + 1.0 / 15.0
+    q = q * z + 1.0 / 13.0
+    q = q * z + 1.0 / 11.0
+    q = q * z + 1.0 / 9.0
+    q = q * z + 1.0 / 7.0
+    q = q * z + 1.0 / 5.0
+    q = q * z + 1.0 / 3.0
+    # f - (f - 2s) keeps the leading term exact: 2s = f - f*s
+    logm = f - s * (f - z * 2.0 * q)
+    fe = numba.float64(e)
+    result = fe * _LN2_HI + (logm + fe * _LN2_LO)
+    result = -math.inf if x == 0.0 else result
+    result = x if x == math.inf else result
+    result = math.nan if x < 0.0 else result
+    return x if x != x else result
+
+
+@numba.njit(**_INLINE)
+def log1p(x):
+    """log(1 + x) for float64 x, accurate for small x too."""
+    w = 1.0 + x
+    # log(w) is exact for w; (w - 1) - x is the rounding of 1 + x, corrected to first order
+    correction = ((w - 1.0) - x) / w
+    return log(w) - (0.0 if (w == math.inf or w == 0.0) else correction)
