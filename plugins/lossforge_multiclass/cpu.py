@@ -17,6 +17,7 @@ import math
 import numpy as np
 from numba import prange
 
+from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
 
 
@@ -36,20 +37,47 @@ def check_targets(t, classes, ignore_index, w):
 
 
 @jit
-def _row_lse(zs):
-    """log sum exp of a row, in float64."""
-    m = -np.inf
-    for j in range(zs.size):
-        m = max(m, np.float64(zs[j]))
-    s = 0.0
-    for j in range(zs.size):
-        s += math.exp(np.float64(zs[j]) - m)
-    return m + math.log(s)
+def _rows_per_chunk(classes):
+    return max(1, CHUNK // max(classes, 1))
 
 
 @jit
-def _rows_per_chunk(classes):
-    return max(1, CHUNK // max(classes, 1))
+def _padded(classes):
+    """The power of two >= classes: the length of the per-row buffers the trees reduce."""
+    p = 1
+    while p < classes:
+        p *= 2
+    return p
+
+
+@jit
+def _tree_max(buf):
+    h = buf.size // 2
+    while h >= 1:
+        for i in range(h):
+            a = buf[i]
+            b = buf[i + h]
+            buf[i] = a if a >= b else b
+        h //= 2
+    return buf[0]
+
+
+@jit
+def _softmax_row(zs, e, scratch):
+    """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``). Each pass
+    is a vectorizing loop; maxima and sums go through fixed trees over ``scratch``."""
+    classes = zs.size
+    for j in range(classes):
+        scratch[j] = zs[j]
+    scratch[classes:] = -np.inf
+    m = _tree_max(scratch)
+    for j in range(classes):
+        v = mathfn.exp(np.float64(zs[j]) - m)
+        e[j] = v
+        scratch[j] = v
+    scratch[classes:] = 0.0
+    total = tree_sum(scratch)
+    return m + math.log(total), total
 
 
 @parallel_kernel
@@ -58,6 +86,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     per_chunk = _rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
+    padded = _padded(classes)
     off = smoothing / classes if classes else 0.0
     total_weight = float(classes)
     if w is not None:
@@ -66,6 +95,8 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
             total_weight += np.float64(w[j])
     for c in prange(chunks):
         buf = np.empty(BLOCK)
+        e = np.empty(padded)
+        scratch = np.empty(padded)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):
@@ -78,24 +109,26 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
                         grad_out[i, :] = 0.0
                 else:
                     zs = z[i]
-                    lse = _row_lse(zs)
+                    lse, total = _softmax_row(zs, e, scratch)
                     wt = 1.0 if w is None else np.float64(w[k])
-                    weighted_sum = 0.0  # sum_c w_c z_c
-                    if smoothing != 0.0:
-                        for j in range(classes):
-                            wj = 1.0 if w is None else np.float64(w[j])
-                            weighted_sum += wj * np.float64(zs[j])
                     hit = (1.0 - smoothing) * wt
                     loss = hit * (lse - np.float64(zs[k]))
-                    if smoothing != 0.0:
-                        loss += off * (total_weight * lse - weighted_sum)
-                    if grad_out is not None:
-                        g = scale if go is None else scale * np.float64(go[i])
-                        big_a = (hit + off * total_weight) * g
-                        gs = grad_out[i]
+                    if smoothing != 0.0:  # + off * sum_c w_c (lse - z_c)
                         for j in range(classes):
                             wj = 1.0 if w is None else np.float64(w[j])
-                            gs[j] = big_a * math.exp(np.float64(zs[j]) - lse) - off * wj * g
+                            scratch[j] = wj * np.float64(zs[j])
+                        scratch[classes:] = 0.0
+                        loss += off * (total_weight * lse - tree_sum(scratch))
+                    if grad_out is not None:
+                        g = scale if go is None else scale * np.float64(go[i])
+                        big_a = (hit + off * total_weight) * g / total
+                        gs = grad_out[i]
+                        if w is None:
+                            for j in range(classes):
+                                gs[j] = big_a * e[j] - off * g
+                        else:
+                            for j in range(classes):
+                                gs[j] = big_a * e[j] - off * np.float64(w[j]) * g
                         gs[k] -= hit * g
                 if loss_out is not None:
                     loss_out[i] = loss
@@ -115,9 +148,13 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     per_chunk = _rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
+    padded = _padded(classes)
     off = smoothing / classes if classes else 0.0
     for c in prange(chunks):
         buf = np.empty(BLOCK)
+        e = np.empty(padded)
+        scratch = np.empty(padded)
+        coefficients = np.empty(padded)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):
@@ -125,24 +162,25 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
             for i in range(lo, hi):
                 zs = z[i]
                 ys = y[i]
-                lse = _row_lse(zs)
-                big_a = 0.0  # sum_c a_c with a_c = w_c ((1 - smoothing) y_c + off)
-                az = 0.0  # sum_c a_c z_c
+                lse, total = _softmax_row(zs, e, scratch)
+                # a_c = w_c ((1 - smoothing) y_c + off); loss = A lse - sum_c a_c z_c
                 for j in range(classes):
                     a = (1.0 - smoothing) * np.float64(ys[j]) + off
                     if w is not None:
                         a *= np.float64(w[j])
-                    big_a += a
-                    az += a * np.float64(zs[j])
-                loss = big_a * lse - az
+                    coefficients[j] = a
+                    scratch[j] = a
+                scratch[classes:] = 0.0
+                big_a = tree_sum(scratch)
+                for j in range(classes):
+                    scratch[j] = coefficients[j] * np.float64(zs[j])
+                scratch[classes:] = 0.0
+                loss = big_a * lse - tree_sum(scratch)
                 if grad_out is not None:
                     g = scale if go is None else scale * np.float64(go[i])
                     gs = grad_out[i]
                     for j in range(classes):
-                        a = (1.0 - smoothing) * np.float64(ys[j]) + off
-                        if w is not None:
-                            a *= np.float64(w[j])
-                        gs[j] = (big_a * math.exp(np.float64(zs[j]) - lse) - a) * g
+                        gs[j] = (big_a * e[j] / total - coefficients[j]) * g
                 if loss_out is not None:
                     loss_out[i] = loss
                 buf[i - lo] = loss
