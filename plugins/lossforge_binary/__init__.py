@@ -133,6 +133,29 @@ def _ref_multilabel(input, target, weight=None, **_):
     return e.mean(axis=-1)
 
 
+def _shape(size):
+    return (size // 8, 8) if size >= 8 else (size,)
+
+
+def _example_bce(rng, size, dtype):
+    shape = _shape(size)
+    x = rng.uniform(0.02, 0.98, shape).astype(dtype)
+    return (x, rng.random(shape).astype(dtype)), {"weight": rng.random(shape[-1]).astype(dtype)}
+
+
+def _example_logits(rng, size, dtype):
+    shape = _shape(size)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    y = (rng.random(shape) < 0.3).astype(dtype)
+    return (x, y), {"pos_weight": (rng.random(shape[-1]) * 3).astype(dtype)}
+
+
+def _example_multilabel(rng, size, dtype):
+    shape = _shape(size)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    return (x, (rng.random(shape) < 0.3).astype(dtype)), {}
+
+
 SPECS = [
     LossSpec(
         name="binary_cross_entropy",
@@ -142,6 +165,7 @@ SPECS = [
         options={"weight": None, "reduction": "mean"},
         prepare=_prepare_bce,
         reference=_ref_bce,
+        example=_example_bce,
         doc=f"""Binary cross entropy of probabilities ``x`` in [0, 1]:
     ``loss = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100))``; gradient
     ``w (x - y) / max(x (1 - x), 1e-12)``, PyTorch's clamps, so 0 and 1 stay finite.
@@ -155,6 +179,7 @@ SPECS = [
         options={"weight": None, "reduction": "mean", "pos_weight": None},
         prepare=_prepare_bce_logits,
         reference=_ref_bce_logits,
+        example=_example_logits,
         doc=f"""Binary cross entropy of logits ``x``, through a stable log-sigmoid:
     ``loss = w (p y softplus(-x) + (1 - y) softplus(x))`` with ``p`` the ``pos_weight``
     broadcast along the last dimension (one per class); finite for logits of +-1e4.
@@ -169,6 +194,7 @@ SPECS = [
         options={"weight": None, "reduction": "mean"},
         prepare=_prepare_multilabel,
         reference=_ref_multilabel,
+        example=_example_multilabel,
         doc="""Multi-label one-versus-all loss: a sigmoid on every output and the log loss,
     averaged over the C classes of each sample:
     ``loss_n = -(1/C) sum_c w_c (y log sigmoid(x) + (1 - y) log sigmoid(-x))``.

@@ -148,6 +148,19 @@ def _ref_cross_entropy(input, target, weight=None, ignore_index=-100, label_smoo
     ) * smooth
 
 
+def _example(rng, size, dtype, classes=10):
+    rows = max(size // classes, 1) if size else 0
+    x = (rng.standard_normal((rows, classes)) * 2).astype(dtype)
+    t = rng.integers(0, classes, rows)
+    t[::7] = -100
+    return (x, t), {"weight": (rng.random(classes) + 0.5).astype(dtype)}
+
+
+def _example_cross_entropy(rng, size, dtype):
+    arrays, options = _example(rng, size, dtype)
+    return arrays, dict(options, label_smoothing=0.1)
+
+
 SPECS = [
     LossSpec(
         name="cross_entropy",
@@ -157,6 +170,7 @@ SPECS = [
         options={"weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0},
         prepare=_prepare_cross_entropy,
         reference=_ref_cross_entropy,
+        example=_example_cross_entropy,
         doc="""Cross entropy of logits: ``log_softmax`` then the negative log-likelihood.
 
     For a class-index target ``t`` with smoothing ``e`` and class weights ``w``:
@@ -176,6 +190,7 @@ SPECS = [
         options={"weight": None, "ignore_index": -100, "reduction": "mean"},
         prepare=_prepare_nll,
         reference=_ref_nll,
+        example=_example,
         doc="""Negative log-likelihood of log-probabilities: ``loss = -w_t input[t]``,
     0 where ``target == ignore_index``. Gradient: ``-w_t`` at the target class, 0 elsewhere.
 """

@@ -90,6 +90,12 @@ def _ref_huber(input, target, delta=1.0, weight=None, **_):
     return e if weight is None else e * weight
 
 
+def _example(rng, size, dtype):
+    shape = (size // 8, 8) if size >= 8 else (size,)
+    x = rng.standard_normal(shape).astype(dtype)
+    return (x, rng.standard_normal(shape).astype(dtype)), {}
+
+
 SPECS = [
     LossSpec(
         name="mse_loss",
@@ -99,6 +105,7 @@ SPECS = [
         options={"reduction": "mean", "weight": None},
         prepare=_prepare_mse,
         reference=_ref_mse,
+        example=_example,
         doc=f"""Mean squared error: ``loss_i = weight_i * (input_i - target_i) ** 2``.
 
     ``"mean"`` divides the sum by the element count, or by ``sum(weight)`` when a weight is
@@ -118,6 +125,7 @@ SPECS = [
         options={"reduction": "mean", "weight": None},
         prepare=_prepare_l1,
         reference=_ref_l1,
+        example=_example,
         doc=f"""Mean absolute error: ``loss_i = weight_i * |input_i - target_i|``.
 
     ``"mean"`` divides by the element count, or by ``sum(weight)`` when a weight is given.
@@ -132,6 +140,7 @@ SPECS = [
         options={"reduction": "mean", "beta": 1.0},
         prepare=_prepare_smooth_l1,
         reference=_ref_smooth_l1,
+        example=_example,
         doc=f"""Smooth L1: ``0.5 d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``,
     with ``d = input - target``; ``beta = 0`` is ``l1_loss``. ``beta`` must be >= 0.
 {_SHAPE}""",
@@ -144,6 +153,7 @@ SPECS = [
         options={"reduction": "mean", "delta": 1.0, "weight": None},
         prepare=_prepare_huber,
         reference=_ref_huber,
+        example=_example,
         doc=f"""Huber: ``0.5 d**2`` where ``|d| < delta``, else ``delta (|d| - 0.5 delta)``,
     times ``weight_i`` when given; ``delta`` must be > 0. Unlike ``mse_loss``, the weighted
     ``"mean"`` divides by the element count (PyTorch 2.13).

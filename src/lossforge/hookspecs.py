@@ -39,6 +39,8 @@ class LossSpec:
         normalises the arguments (see ``lossforge.validate``). ``options`` holds every option.
     reference: optional float64 NumPy reference, ``reference(*arrays, **options)``, returning
         the per-element loss (``reduction="none"``) as an array; the conformance kit uses it.
+    example: optional ``example(rng, size, dtype) -> (arrays, options)``: valid inputs of
+        about ``size`` elements, for the conformance kit and benchmarks.
     doc: the docstring of the functional form.
     """
 
@@ -49,6 +51,7 @@ class LossSpec:
     options: Mapping[str, Any]
     prepare: Callable[..., Any]
     reference: Callable[..., Any] | None = None
+    example: Callable[..., Any] | None = None
     doc: str = ""
 
 

@@ -111,11 +111,10 @@ class Loss:
         if self.reduced and opts["reduction"] not in validate.REDUCTIONS:
             validate.check_reduction(opts["reduction"])
         backend = dispatch.backend_of(arrays, forced)
-        p = self.spec.prepare(arrays, opts, backend)
         kernel = self._kernels.get(backend)
         if kernel is None:
             kernel = self._kernels[backend] = self._registry.kernel(self.name, backend)
-        return p, kernel
+        return self.spec.prepare(arrays, opts, backend), kernel
 
     def _run(
         self,

@@ -1,0 +1,290 @@
+"""The conformance kit: ``check_loss(name)`` checks a registered loss the way lossforge checks
+its own, in the spirit of scikit-learn's ``check_estimator``. For plugin authors::
+
+    from lossforge.testing import check_loss, parametrize_losses
+
+    def test_my_loss():
+        check_loss("my_loss")
+
+    @parametrize_losses()          # every registered loss
+    def test_every_loss(loss_name):
+        check_loss(loss_name)
+
+A loss is checked on the inputs its ``LossSpec.example`` makes (or, without one, on two
+same-shaped float arrays named by its ``arguments``):
+
+- ``reference``: the value (``reduction="none"``) agrees with ``LossSpec.reference`` in
+  float64, and in float32 to float32 rounding;
+- ``reductions``: ``"sum"`` is the sum of ``"none"``, ``partial`` gives ``("sum",
+  denominator)``, ``"mean"`` is their ratio;
+- ``gradient``: every gradient agrees with central finite differences (float64);
+- ``grad_output``: gradients scale linearly with ``grad_output``;
+- ``unchanged``: no input is modified;
+- ``threads``: value and gradient are bitwise identical at 1 and 2 threads, on an input large
+  enough for the parallel kernel;
+- ``bad_input``: an unknown reduction is a ``ValueError``, an integer input a ``TypeError``;
+- ``float16``: float16 inputs give float16 results;
+- ``cuda``: where the loss has a CUDA kernel and Numba's CUDA target (or its simulator,
+  ``NUMBA_ENABLE_CUDASIM=1``) is usable, CUDA results equal the CPU's.
+
+Each check raises ``AssertionError`` naming the loss and the check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+import lossforge
+from lossforge.runtime.cpu import PARALLEL_MIN, threads
+
+CHECKS = (
+    "reference",
+    "reductions",
+    "gradient",
+    "grad_output",
+    "unchanged",
+    "threads",
+    "bad_input",
+    "float16",
+    "cuda",
+)
+
+
+def parametrize_losses(names: Iterable[str] | None = None) -> Any:
+    """``pytest.mark.parametrize("loss_name", ...)`` over the registered losses."""
+    import pytest
+
+    return pytest.mark.parametrize("loss_name", list(names or lossforge.list_losses()))
+
+
+def check_loss(name: str, *, checks: Iterable[str] = CHECKS, seed: int = 0) -> list[str]:
+    """Run the conformance checks on loss ``name``; returns the checks that ran."""
+    loss = lossforge.get(name)
+    ran = []
+    for check in checks:
+        function = _CHECKS[check]
+        try:
+            if function(loss, np.random.default_rng(seed)) is not False:
+                ran.append(check)
+        except AssertionError as exc:
+            raise AssertionError(f"check_loss({name!r}): {check}: {exc}") from exc
+    return ran
+
+
+# -- inputs --------------------------------------------------------------------------------
+def _example(loss: Any, rng: np.random.Generator, size: int, dtype: Any) -> tuple[tuple, dict]:
+    if loss.spec.example is not None:
+        arrays, options = loss.spec.example(rng, size, np.dtype(dtype))
+        return tuple(arrays), dict(options)
+    shape = (size // 8, 8) if size >= 8 else (size,)
+    return tuple(rng.standard_normal(shape).astype(dtype) for _ in loss.arguments), {}
+
+
+def _copy(arrays: tuple) -> tuple:
+    return tuple(np.array(a, copy=True) for a in arrays)
+
+
+def _grads(loss: Any, arrays: tuple, **kwargs: Any) -> tuple:
+    g = loss.grad(*arrays, **kwargs)
+    return g if isinstance(g, tuple) else (g,)
+
+
+def _positions(loss: Any) -> list[int]:
+    return [loss.arguments.index(d) for d in loss.differentiable]
+
+
+def _close(actual: Any, expected: Any, rtol: float, what: str, atol: float = 0.0) -> None:
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = np.max(np.abs(expected), initial=0.0)
+    ok = np.isclose(actual, expected, rtol=rtol, atol=atol + rtol * 1e-3 * scale, equal_nan=True)
+    assert ok.all(), (
+        f"{what}: {np.count_nonzero(~ok)} of {ok.size} differ; max |difference| "
+        f"{np.nanmax(np.abs(actual - expected)):.3g} (rtol {rtol})"
+    )
+
+
+def _unreduced(loss: Any, arrays: tuple, options: dict) -> Any:
+    if loss.reduced:
+        options = dict(options, reduction="none")
+    return loss(*arrays, **options)
+
+
+# -- the checks ----------------------------------------------------------------------------
+def _check_reference(loss: Any, rng: np.random.Generator) -> bool:
+    if loss.spec.reference is None:
+        return False
+    for dtype, rtol in ((np.float64, 1e-10), (np.float32, 2e-5)):
+        arrays, options = _example(loss, rng, 64, dtype)
+        wide = tuple(a.astype(np.float64) if a.dtype == np.float32 else a for a in arrays)
+        wide_options = {
+            k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
+            for k, v in options.items()
+        }
+        expected = loss.spec.reference(*wide, **wide_options)
+        _close(_unreduced(loss, arrays, options), expected, rtol, f"{np.dtype(dtype)} value")
+    return True
+
+
+def _check_reductions(loss: Any, rng: np.random.Generator) -> bool:
+    if not loss.reduced:
+        return False
+    arrays, options = _example(loss, rng, 64, np.float64)
+    none = loss(*arrays, **dict(options, reduction="none"))
+    total = loss(*arrays, **dict(options, reduction="sum"))
+    _close(total, np.sum(none), 1e-12, "sum vs sum of none", atol=1e-12)
+    pair = loss.partial(*arrays, **options)
+    _close(pair[0], total, 1e-14, "partial total vs sum")
+    mean = loss(*arrays, **dict(options, reduction="mean"))
+    _close(mean, pair[0] / pair[1], 1e-14, "mean vs total / denominator")
+    return True
+
+
+def _scalarised(loss: Any, options: dict, weights: Any) -> Callable[..., float]:
+    def f(*arrays: Any) -> float:
+        return float(np.sum(weights * _unreduced(loss, arrays, options)))
+
+    return f
+
+
+def _check_gradient(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, 16, np.float64)
+    value = _unreduced(loss, arrays, options)
+    go = rng.standard_normal(np.shape(value))
+    kwargs = dict(options, reduction="none") if loss.reduced else dict(options)
+    grads = _grads(loss, arrays, grad_output=go, **kwargs)
+    f = _scalarised(loss, options, go)
+    eps = 1e-6
+    for position, grad in zip(_positions(loss), grads):
+        numeric = np.zeros(np.shape(arrays[position]))
+        base = np.array(arrays[position], dtype=np.float64)
+        for index in np.ndindex(numeric.shape):
+            args = list(arrays)
+            up, down = base.copy(), base.copy()
+            up[index] += eps
+            down[index] -= eps
+            args[position] = up
+            high = f(*args)
+            args[position] = down
+            numeric[index] = (high - f(*args)) / (2 * eps)
+        _close(grad, numeric, 1e-5, f"gradient of {loss.arguments[position]}", atol=1e-7)
+    return True
+
+
+def _check_grad_output(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, 32, np.float64)
+    if loss.reduced:
+        options = dict(options, reduction="sum")
+        base = _grads(loss, arrays, **options)
+        scaled = _grads(loss, arrays, grad_output=-2.5, **options)
+    else:
+        shape = np.shape(loss(*arrays, **options))
+        base = _grads(loss, arrays, **options)
+        scaled = _grads(loss, arrays, grad_output=np.full(shape, -2.5), **options)
+    for b, s in zip(base, scaled):
+        _close(s, -2.5 * np.asarray(b), 1e-13, "grad_output=-2.5 vs -2.5 * gradient")
+    return True
+
+
+def _check_unchanged(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, 64, np.float32)
+    before = _copy(arrays)
+    option_arrays = {
+        k: np.array(v, copy=True) for k, v in options.items() if isinstance(v, np.ndarray)
+    }
+    loss.value_and_grad(*arrays, **options)
+    for a, b in zip(arrays, before):
+        assert np.array_equal(np.asarray(a), b, equal_nan=True), "an input array was modified"
+    for key, value in option_arrays.items():
+        assert np.array_equal(options[key], value, equal_nan=True), f"option {key} was modified"
+    return True
+
+
+def _check_threads(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, PARALLEL_MIN + 4096, np.float32)
+    results = []
+    for n in (1, 2):
+        with threads(n):
+            value, grad = loss.value_and_grad(*arrays, **options)
+        grads = grad if isinstance(grad, tuple) else (grad,)
+        results.append([np.asarray(value).tobytes()] + [g.tobytes() for g in grads])
+    assert results[0] == results[1], "results differ between 1 and 2 threads"
+    return True
+
+
+def _check_bad_input(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, 16, np.float64)
+    if loss.reduced:
+        try:
+            loss(*arrays, **dict(options, reduction="average"))
+        except ValueError as exc:
+            assert "reduction" in str(exc), f"ValueError does not name reduction: {exc}"
+        else:
+            raise AssertionError("reduction='average' was accepted")
+    bad = (arrays[0] * 0).astype(np.int64), *arrays[1:]
+    try:
+        loss(*bad, **options)
+    except TypeError as exc:
+        assert "int64" in str(exc), f"TypeError does not name the dtype: {exc}"
+    else:
+        raise AssertionError("an int64 input was accepted")
+    return True
+
+
+def _check_float16(loss: Any, rng: np.random.Generator) -> bool:
+    arrays, options = _example(loss, rng, 32, np.float16)
+    value, grad = loss.value_and_grad(*arrays, **options)
+    assert np.asarray(value).dtype == np.float16, f"value dtype {np.asarray(value).dtype}"
+    for g in grad if isinstance(grad, tuple) else (grad,):
+        assert g.dtype == np.float16, f"gradient dtype {g.dtype}"
+    return True
+
+
+def _cuda_usable() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return True
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def _check_cuda(loss: Any, rng: np.random.Generator) -> bool:
+    if "cuda" not in loss.backends or not _cuda_usable():
+        return False
+    from numba import cuda
+
+    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        arrays, options = _example(loss, rng, 24, dtype)
+        value, grad = loss.value_and_grad(*arrays, **options)
+        device = tuple(cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in arrays)
+        d_value, d_grad = loss.value_and_grad(*device, **options)
+        host = d_value.copy_to_host() if hasattr(d_value, "copy_to_host") else d_value
+        _close(host, value, rtol, f"{np.dtype(dtype)} CUDA value vs CPU", atol=1e-12)
+        pairs = zip(
+            grad if isinstance(grad, tuple) else (grad,),
+            d_grad if isinstance(d_grad, tuple) else (d_grad,),
+        )
+        for g, d in pairs:
+            _close(d.copy_to_host(), g, rtol, f"{np.dtype(dtype)} CUDA gradient vs CPU", atol=1e-12)
+    return True
+
+
+_CHECKS = {
+    "reference": _check_reference,
+    "reductions": _check_reductions,
+    "gradient": _check_gradient,
+    "grad_output": _check_grad_output,
+    "unchanged": _check_unchanged,
+    "threads": _check_threads,
+    "bad_input": _check_bad_input,
+    "float16": _check_float16,
+    "cuda": _check_cuda,
+}
