@@ -1,0 +1,59 @@
+"""sigmoid_focal_loss against torchvision's formula (written here in PyTorch, whose autograd
+gives the reference gradient) and the lossforge conformance kit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lossforge as lf
+from lossforge.testing import check_loss
+
+torch = pytest.importorskip("torch")
+
+
+def torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    # torchvision.ops.sigmoid_focal_loss, verbatim in substance
+    p = torch.sigmoid(inputs)
+    ce_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        inputs, targets, reduction="none"
+    )
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.8, 1.5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matches_torchvision(reduction, alpha, gamma, dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 5)) * 3).astype(dtype)
+    y = (rng.random((6, 5)) < 0.3).astype(dtype)
+    value, grad = lf.sigmoid_focal_loss.value_and_grad(
+        x, y, alpha=alpha, gamma=gamma, reduction=reduction
+    )
+    xt = torch.from_numpy(x).requires_grad_(True)
+    expected = torchvision_sigmoid_focal_loss(xt, torch.from_numpy(y), alpha, gamma, reduction)
+    (expected_grad,) = torch.autograd.grad(expected, xt, torch.ones_like(expected))
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(value, expected.detach().numpy(), rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(grad, expected_grad.numpy(), rtol=rtol, atol=1e-7)
+
+
+def test_defaults_are_torchvisions():
+    loss = lf.get("sigmoid_focal_loss")
+    assert dict(loss.options) == {"alpha": 0.25, "gamma": 2.0, "reduction": "none"}
+    assert loss.plugin == "focal" and loss.backends == ("cpu",)
+
+
+def test_conformance():
+    ran = check_loss("sigmoid_focal_loss")
+    assert "reference" in ran and "gradient" in ran and "threads" in ran

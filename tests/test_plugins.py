@@ -1,0 +1,315 @@
+"""Third-party plugins: found through the entry point alone, overriding built-in kernels,
+failures isolated and reported, and the plugin guide's example working as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lossforge as lf
+from lossforge import KernelSpec, LossSpec, PluginError, PluginWarning, hookimpl
+from lossforge.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, env_path=None, strict=False, check=True):
+    env = dict(os.environ)
+    if env_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(env_path), env.get("PYTHONPATH", "")])
+    if strict:
+        env["LOSSFORGE_STRICT_PLUGINS"] = "1"
+    result = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def fake_distribution(root: Path, name: str, source: str) -> Path:
+    """An installed distribution as pip leaves one: a module and a dist-info directory with
+    an entry point in the "lossforge" group."""
+    root.mkdir(parents=True, exist_ok=True)
+    module = f"lossforge_test_{name}"
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"lossforge_test_{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: lossforge-test-{name}\nVersion: 0.1\n"
+    )
+    (info / "entry_points.txt").write_text(f"[lossforge]\n{name} = {module}\n")
+    return root
+
+
+HEADER = """
+import numpy as np
+import lossforge
+from lossforge import KernelSpec, LossSpec
+import lossforge_regression
+"""
+
+BROKEN = {
+    "importfails": "raise ImportError('missing dependency: quux')",
+    "hookraises": HEADER
+    + """
+@lossforge.hookimpl
+def lossforge_losses():
+    raise RuntimeError("boom")
+""",
+    "duplicate": HEADER
+    + """
+@lossforge.hookimpl
+def lossforge_losses():
+    yield lossforge_regression.SPECS[0]  # mse_loss again
+""",
+    "notaspec": HEADER
+    + """
+@lossforge.hookimpl
+def lossforge_losses():
+    yield "mse_loss"
+""",
+}
+
+# -- entry points, in fresh processes -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken-site")
+    for name, source in BROKEN.items():
+        fake_distribution(root, name, source)
+    return root
+
+
+def test_broken_plugins_only_warn(broken_site):
+    code = """
+import warnings, json
+import numpy as np
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import lossforge as lf
+    value = float(lf.mse_loss(np.ones(3), np.zeros(3)))
+    names = lf.list_losses()
+    plugin = lf.mse_loss.plugin
+print(json.dumps({"value": value, "names": names, "plugin": plugin,
+                  "warnings": [str(w.message) for w in caught if w.category is lf.PluginWarning]}))
+"""
+    out = json.loads(run(["-c", code], broken_site).stdout)
+    assert out["value"] == 1.0 and out["plugin"] == "regression"
+    assert "cross_entropy" in out["names"]
+    text = "\n".join(out["warnings"])
+    assert "plugin 'importfails' (entry point 'importfails' = 'lossforge_test_importfails'" in text
+    assert "import failed: ImportError('missing dependency: quux')" in text
+    assert (
+        "plugin 'hookraises'" in text
+        and "hook lossforge_losses raised RuntimeError('boom')" in text
+    )
+    assert "declares loss 'mse_loss', already declared by plugin 'regression'" in text
+    assert "hook lossforge_losses yielded 'mse_loss', not a LossSpec" in text
+
+
+def test_cli_lists_failures(broken_site):
+    out = run(["-m", "lossforge", "plugins"], broken_site).stdout
+    assert re.search(r"importfails  \[FAILED\]  entry point 'importfails'", out)
+    assert "error: import failed: ImportError('missing dependency: quux')" in out
+    assert "regression  [ok]" in out
+    listing = run(["-m", "lossforge", "list"], broken_site).stdout
+    assert "mse_loss" in listing
+
+
+def test_strict_mode_raises(broken_site):
+    result = run(
+        ["-c", "import lossforge; lossforge.list_losses()"], broken_site, strict=True, check=False
+    )
+    assert result.returncode != 0
+    assert "PluginError" in result.stderr and "importfails" in result.stderr
+    # importing alone loads no plugin, so it never fails
+    run(["-c", "import lossforge"], broken_site, strict=True)
+
+
+@pytest.fixture(scope="module")
+def focal_installed():
+    """The example third-party plugin, installed with pip into this environment."""
+    run(["-m", "pip", "install", "--no-deps", "-q", str(ROOT / "plugins" / "lossforge-focal")])
+
+
+def test_example_plugin_found_through_its_entry_point(focal_installed):
+    listing = run(["-m", "lossforge", "list"]).stdout
+    assert re.search(r"sigmoid_focal_loss\s+detection\s+focal\s+cpu", listing)
+    plugins = run(["-m", "lossforge", "plugins"]).stdout
+    assert (
+        "focal  [ok]  entry point 'focal' = 'lossforge_focal' (distribution lossforge-focal 0.1.0)"
+        in plugins
+    )
+    code = (
+        "import numpy as np, lossforge as lf; "
+        "v, g = lf.sigmoid_focal_loss.value_and_grad(np.array([0.5, -1.0]), np.array([1.0, 0.0])); "
+        "print(v.shape, g.shape)"
+    )
+    assert run(["-c", code]).stdout.strip() == "(2,) (2,)"
+
+
+def test_example_plugin_own_tests_pass(focal_installed):
+    result = run(
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "plugins" / "lossforge-focal" / "tests"),
+        ]
+    )
+    assert re.search(r"\d+ passed", result.stdout)
+
+
+def test_missing_cuda_kernel_is_named(focal_installed):
+    code = """
+import numpy as np, lossforge as lf
+try:
+    lf.sigmoid_focal_loss(np.ones(2), np.ones(2), backend="cuda")
+except NotImplementedError as exc:
+    print(exc)
+"""
+    out = run(["-c", code]).stdout
+    assert "loss 'sigmoid_focal_loss' has no cuda kernel" in out
+
+
+# -- the guide -------------------------------------------------------------------------------
+
+
+def guide_blocks():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    return re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S)
+
+
+def test_guide_example_is_short():
+    python = next(body for lang, body in guide_blocks() if lang == "python")
+    code = [
+        line for line in python.splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
+    assert len(code) < 40
+
+
+def test_guide_example_installs_and_passes_the_kit(tmp_path, broken_site):
+    blocks = guide_blocks()
+    module = next(body for lang, body in blocks if lang == "python")
+    pyproject = next(body for lang, body in blocks if lang == "toml")
+    package = tmp_path / "lossforge-logcosh"
+    (package / "lossforge_logcosh").mkdir(parents=True)
+    (package / "lossforge_logcosh" / "__init__.py").write_text(module)
+    (package / "pyproject.toml").write_text(pyproject)
+    site = tmp_path / "site"
+    run(["-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(package)])
+    path = os.pathsep.join([str(site), str(broken_site)])  # a broken plugin beside it
+    listing = run(["-m", "lossforge", "list"], path).stdout
+    assert re.search(r"log_cosh_loss\s+regression\s+logcosh\s+cpu", listing)
+    code = """
+import warnings
+warnings.simplefilter("ignore")
+import numpy as np, lossforge as lf
+from lossforge.testing import check_loss
+x, y = np.array([0.5, -2.0, 3.0]), np.array([0.0, 1.0, 1.0])
+value, grad = lf.log_cosh_loss.value_and_grad(x, y, reduction="sum")
+assert np.isclose(value, np.log(np.cosh(x - y)).sum()) and np.allclose(grad, np.tanh(x - y))
+print(check_loss("log_cosh_loss"))
+"""
+    out = run(["-c", code], path).stdout
+    assert "gradient" in out and "reference" in out
+
+
+# -- overriding and call-time failures, on a registry built in this process ---------------
+
+
+class Override:
+    """Replaces the CPU kernel of mse_loss with one that reports 42."""
+
+    @hookimpl(tryfirst=True)
+    def lossforge_kernels(self):
+        yield KernelSpec("mse_loss", "cpu", lambda p, *args: 42.0)
+
+
+class BadKernels:
+    @hookimpl
+    def lossforge_losses(self):
+        import lossforge_regression
+
+        base = lossforge_regression.SPECS[0]
+        for name in ("raises_loss", "array_loss"):
+            yield LossSpec(**{**base.__dict__, "name": name})
+
+    @hookimpl
+    def lossforge_kernels(self):
+        def raises(p, *args):
+            raise ZeroDivisionError("oops")
+
+        yield KernelSpec("raises_loss", "cpu", raises)
+        yield KernelSpec("array_loss", "cpu", lambda p, *args: np.zeros(3))
+        yield KernelSpec("no_such_loss", "cpu", raises)
+
+
+def registry_with(*plugins):
+    import lossforge_regression
+
+    registry = Registry(group=None)
+    registry.register(lossforge_regression, "regression")
+    for plugin in plugins:
+        registry.register(plugin, type(plugin).__name__.lower())
+    return registry
+
+
+def test_override_replaces_a_builtin_kernel():
+    registry = registry_with(Override())
+    loss = registry.get("mse_loss")
+    assert loss(np.ones(3), np.zeros(3), reduction="sum") == 42.0
+    assert loss.plugin == "regression" and loss.suppliers == {"cpu": "override"}
+    assert lf.mse_loss(np.ones(3), np.zeros(3), reduction="sum") == 3.0  # the global one
+
+
+def test_kernel_failures_name_the_plugin():
+    with pytest.warns(PluginWarning, match="supplies a cpu kernel for unknown loss 'no_such_loss'"):
+        registry = registry_with(BadKernels())
+        registry.ensure_loaded()
+    x = np.ones(3)
+    with pytest.raises(
+        PluginError,
+        match=r"'raises_loss' from plugin 'badkernels' failed: ZeroDivisionError\('oops'\)",
+    ):
+        registry.get("raises_loss")(x, x)
+    with pytest.raises(PluginError, match="'array_loss' from plugin 'badkernels' returned ndarray"):
+        registry.get("array_loss")(x, x)
+    assert registry.get("mse_loss")(x, x) == 0.0
+
+
+def test_unloadable_kernel_path_names_the_plugin():
+    class Missing:
+        @hookimpl(tryfirst=True)
+        def lossforge_kernels(self):
+            yield KernelSpec("mse_loss", "cpu", "no_such_module:kernel")
+
+    registry = registry_with(Missing())
+    with pytest.raises(
+        PluginError, match="plugin 'missing': cannot load the cpu kernel of 'mse_loss'"
+    ):
+        registry.get("mse_loss")(np.ones(2), np.ones(2))
+
+
+def test_misspelt_hook_is_a_failure():
+    class Typo:
+        @hookimpl
+        def lossforge_loses(self):
+            return []
+
+    with pytest.warns(PluginWarning, match="unknown hook"):
+        registry = registry_with(Typo())
+        assert "mse_loss" in registry.names()
+    assert registry.plugins["typo"].failed
