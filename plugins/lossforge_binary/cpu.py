@@ -1,19 +1,17 @@
 """CPU kernels of the binary and multi-label losses.
 
-``binary_cross_entropy`` and ``binary_cross_entropy_with_logits`` are element-wise: one fused
-pass like the regression family's, the loss a loop-invariant switch. Broadcast weights
-arrive materialised to the input's shape (or ``None``). ``multilabel_soft_margin_loss`` sums
-the logits loss over each row's classes.
+All three are element-wise: one fused pass like the regression family's, the loss a
+loop-invariant switch. Broadcast weights arrive materialised to the input's shape (or
+``None``). ``multilabel_soft_margin_loss`` is the logits loss divided by the class count.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+from lossforge.runtime import mathfn
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, parallel_kernel, tree_sum
 
 BCE, BCE_LOGITS = 0, 1
 
@@ -24,31 +22,42 @@ LOG_FLOOR = -100.0
 GRAD_EPSILON = float(np.float32(1e-12))
 
 
-@jit
-def _softplus(x):
-    """log(1 + exp(x)), stable for any x."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+@inline
+def _bce(x, y, pw):
+    """(loss, d loss / d x) of binary_cross_entropy at one element, float64. Selects, not
+    branches, and runtime.mathfn's log: the loop vectorizes. nan stays nan (a clamp written
+    with ``max`` would replace it)."""
+    log_x = mathfn.log(x)
+    log_x = LOG_FLOOR if log_x < LOG_FLOOR else log_x
+    log_1x = mathfn.log(1.0 - x)
+    log_1x = LOG_FLOOR if log_1x < LOG_FLOOR else log_1x
+    denominator = (1.0 - x) * x
+    denominator = GRAD_EPSILON if denominator < GRAD_EPSILON else denominator
+    return -(y * log_x + (1.0 - y) * log_1x), (x - y) / denominator
 
 
-@jit
-def _sigmoid(x):
-    e = math.exp(-abs(x))
-    return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+@inline
+def _logits(x, y, pw):
+    """The same for binary_cross_entropy_with_logits, ``pw`` the positive-class weight:
+    ``pw y softplus(-x) + (1 - y) softplus(x)`` with ``softplus(+-x) = s + max(+-x, 0)``,
+    ``s = log1p(exp(-|x|))``."""
+    e = mathfn.exp(-abs(x))  # in (0, 1]
+    w = 1.0 + e
+    r = 1.0 / w  # one division serves log1p's correction and the sigmoid
+    s = mathfn.log(w) - ((w - 1.0) - e) * r  # log1p(e), as in runtime.mathfn.log1p
+    positive = x if x > 0 else 0.0
+    negative = -x if x < 0 else 0.0
+    loss = pw * y * (s + negative) + (1.0 - y) * (s + positive)
+    sigmoid = r if x >= 0 else e * r
+    return loss, (pw * y + 1.0 - y) * sigmoid - pw * y
 
 
-@jit
-def _element(kind, x, y, pw):
-    """(loss, d loss / d x) of one element in float64; ``pw`` is the positive-class weight."""
-    if kind == BCE:
-        loss = -(y * max(math.log(x), LOG_FLOOR) + (1.0 - y) * max(math.log(1.0 - x), LOG_FLOOR))
-        return loss, (x - y) / max((1.0 - x) * x, GRAD_EPSILON)
-    # BCE_LOGITS: pw y softplus(-x) + (1 - y) softplus(x)
-    loss = pw * y * _softplus(-x) + (1.0 - y) * _softplus(x)
-    return loss, (pw * y + 1.0 - y) * _sigmoid(x) - pw * y
+ELEMENTS = {BCE: _bce, BCE_LOGITS: _logits}
 
 
 @parallel_kernel
-def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
+def _binary(element, x, y, w, pw, loss_out, grad_out, go, scale):
+    # ``element`` is a jitted function: each one compiles its own loop, which vectorizes
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
@@ -58,19 +67,30 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
         end = min(c * CHUNK + CHUNK, n)
         for lo in range(c * CHUNK, end, BLOCK):
             hi = min(lo + BLOCK, end)
+            xs = x[lo:hi]
+            ys = y[lo:hi]
+            if w is not None:
+                ws = w[lo:hi]
+            if pw is not None:
+                pws = pw[lo:hi]
+            if loss_out is not None:
+                ls = loss_out[lo:hi]
+            if grad_out is not None:
+                gs = grad_out[lo:hi]
+                if go is not None:
+                    gos = go[lo:hi]
             for k in range(hi - lo):
-                i = lo + k
-                p = 1.0 if pw is None else np.float64(pw[i])
-                loss, g = _element(kind, np.float64(x[i]), np.float64(y[i]), p)
+                p = 1.0 if pw is None else np.float64(pws[k])
+                loss, g = element(np.float64(xs[k]), np.float64(ys[k]), p)
                 if w is not None:
-                    loss *= w[i]
-                    g *= w[i]
+                    loss *= ws[k]
+                    g *= ws[k]
                 if loss_out is not None:
-                    loss_out[i] = loss
+                    ls[k] = loss
                 if grad_out is not None:
                     if go is not None:
-                        g *= go[i]
-                    grad_out[i] = g * scale
+                        g *= gos[k]
+                    gs[k] = g * scale
                 buf[k] = loss
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
@@ -91,43 +111,6 @@ def _any_outside_unit(x):
     return 0.5
 
 
-@parallel_kernel
-def _multilabel(z, y, w, loss_out, grad_out, go, scale):
-    rows, classes = z.shape
-    per_chunk = max(1, CHUNK // max(classes, 1))
-    chunks = (rows + per_chunk - 1) // per_chunk
-    partials = np.empty(chunks)
-    inverse = 1.0 / classes if classes else 0.0
-    for c in prange(chunks):
-        buf = np.empty(BLOCK)
-        s = 0.0
-        end = min(c * per_chunk + per_chunk, rows)
-        for lo in range(c * per_chunk, end, BLOCK):
-            hi = min(lo + BLOCK, end)
-            for i in range(lo, hi):
-                g = scale * inverse if go is None else scale * inverse * np.float64(go[i])
-                row = 0.0
-                for j in range(classes):
-                    loss, d = _element(BCE_LOGITS, np.float64(z[i, j]), np.float64(y[i, j]), 1.0)
-                    if w is not None:
-                        loss *= w[i, j]
-                        d *= w[i, j]
-                    row += loss
-                    if grad_out is not None:
-                        grad_out[i, j] = d * g
-                row *= inverse
-                if loss_out is not None:
-                    loss_out[i] = row
-                buf[i - lo] = row
-            buf[hi - lo :] = 0.0
-            s += tree_sum(buf)
-        partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
-
-
 def _flat(array):
     return None if array is None else array.ravel()
 
@@ -137,7 +120,7 @@ def binary(p, loss_out, grads, grad_output, scale):
     x, y, w, pw = p.arrays
     return _binary(
         x.size,
-        p.params[0],
+        ELEMENTS[p.params[0]],
         x.ravel(),
         y.ravel(),
         _flat(w),
@@ -150,14 +133,27 @@ def binary(p, loss_out, grads, grad_output, scale):
 
 
 def multilabel(p, loss_out, grads, grad_output, scale):
+    """The logits loss over all ``(N, C)`` elements, divided by C: the total needs no rows.
+    Per-row values (``"none"``) are summed from per-element losses afterwards."""
     z, y, w = p.arrays
-    return _multilabel(
+    classes = z.shape[1] if z.ndim == 2 else 1
+    elements = None if loss_out is None else np.empty(z.size, z.dtype)
+    go = None
+    if grads and grad_output is not None:
+        go = np.repeat(grad_output.ravel(), classes)
+    total = _binary(
         z.size,
-        z,
-        y,
-        w,
-        _flat(loss_out),
-        grads[0].reshape(z.shape) if grads else None,
-        _flat(grad_output) if grads else None,
-        scale,
+        _logits,
+        z.ravel(),
+        y.ravel(),
+        _flat(w),
+        None,
+        elements,
+        _flat(grads[0]) if grads else None,
+        go,
+        scale / classes if classes else scale,
     )
+    if loss_out is not None:
+        rows = elements.reshape(-1, classes).sum(axis=1, dtype=np.float64)
+        loss_out.reshape(-1)[...] = rows / classes
+    return total / classes if classes else total

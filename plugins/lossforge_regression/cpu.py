@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, parallel_kernel, tree_sum
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
 
-@jit
+@inline
 def _element(kind, d, param, inverse):
     """(loss, d loss / d input) of one element, d = input - target, in float64; branch-free
     selects, with PyTorch's values at the boundaries and for nan."""

@@ -9,10 +9,10 @@ import math
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, parallel_kernel, tree_sum
 
 
-@jit
+@inline
 def _dot_and_norms(a, b):
     dot = 0.0
     aa = 0.0

@@ -37,6 +37,12 @@ def jit(fn: Callable) -> Any:
     return numba.njit(**JIT_OPTIONS)(fn)
 
 
+def inline(fn: Callable) -> Any:
+    """A per-element helper, inlined into the kernel that calls it: an out-of-line call in a
+    loop body stops LLVM from vectorizing the loop."""
+    return numba.njit(inline="always", **JIT_OPTIONS)(fn)
+
+
 @numba.njit(inline="always", **JIT_OPTIONS)
 def tree_sum(buf):
     """Sum ``buf`` (float64, power-of-two length, destroyed) by halving: a fixed order that
