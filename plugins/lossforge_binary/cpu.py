@@ -52,12 +52,23 @@ def _logits(x, y, pw):
     return loss, (pw * y + 1.0 - y) * sigmoid - pw * y
 
 
-ELEMENTS = {BCE: _bce, BCE_LOGITS: _logits}
+@inline
+def _finish(k, loss, g, ws, ls, gs, gos, scale, buf):
+    """Weights, per-element outputs and the block buffer for element ``k`` of a block."""
+    if ws is not None:
+        loss *= ws[k]
+        g *= ws[k]
+    if ls is not None:
+        ls[k] = loss
+    if gs is not None:
+        if gos is not None:
+            g *= gos[k]
+        gs[k] = g * scale
+    buf[k] = loss
 
 
 @parallel_kernel
-def _binary(element, x, y, w, pw, loss_out, grad_out, go, scale):
-    # ``element`` is a jitted function: each one compiles its own loop, which vectorizes
+def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
@@ -69,29 +80,24 @@ def _binary(element, x, y, w, pw, loss_out, grad_out, go, scale):
             hi = min(lo + BLOCK, end)
             xs = x[lo:hi]
             ys = y[lo:hi]
-            if w is not None:
-                ws = w[lo:hi]
-            if pw is not None:
+            ws = None if w is None else w[lo:hi]
+            ls = None if loss_out is None else loss_out[lo:hi]
+            gs = None if grad_out is None else grad_out[lo:hi]
+            gos = None if go is None else go[lo:hi]
+            # one loop per loss, each with its element function inlined: they vectorize
+            if kind == BCE:
+                for k in range(hi - lo):
+                    loss, g = _bce(np.float64(xs[k]), np.float64(ys[k]), 1.0)
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
+            elif pw is None:
+                for k in range(hi - lo):
+                    loss, g = _logits(np.float64(xs[k]), np.float64(ys[k]), 1.0)
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
+            else:
                 pws = pw[lo:hi]
-            if loss_out is not None:
-                ls = loss_out[lo:hi]
-            if grad_out is not None:
-                gs = grad_out[lo:hi]
-                if go is not None:
-                    gos = go[lo:hi]
-            for k in range(hi - lo):
-                p = 1.0 if pw is None else np.float64(pws[k])
-                loss, g = element(np.float64(xs[k]), np.float64(ys[k]), p)
-                if w is not None:
-                    loss *= ws[k]
-                    g *= ws[k]
-                if loss_out is not None:
-                    ls[k] = loss
-                if grad_out is not None:
-                    if go is not None:
-                        g *= gos[k]
-                    gs[k] = g * scale
-                buf[k] = loss
+                for k in range(hi - lo):
+                    loss, g = _logits(np.float64(xs[k]), np.float64(ys[k]), np.float64(pws[k]))
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
@@ -120,7 +126,7 @@ def binary(p, loss_out, grads, grad_output, scale):
     x, y, w, pw = p.arrays
     return _binary(
         x.size,
-        ELEMENTS[p.params[0]],
+        p.params[0],
         x.ravel(),
         y.ravel(),
         _flat(w),
@@ -143,7 +149,7 @@ def multilabel(p, loss_out, grads, grad_output, scale):
         go = np.repeat(grad_output.ravel(), classes)
     total = _binary(
         z.size,
-        _logits,
+        BCE_LOGITS,
         z.ravel(),
         y.ravel(),
         _flat(w),
