@@ -205,10 +205,10 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):
             hi = min(lo + BLOCK, end)
+            if grad_out is not None:  # one contiguous run of zeros, then the picks
+                grad_out.reshape(-1)[lo * classes : hi * classes] = 0.0
             for i in range(lo, hi):
                 k = t[i]
-                if grad_out is not None:
-                    grad_out[i, :] = 0.0
                 loss = 0.0
                 if k != ignore_index:
                     wt = 1.0 if w is None else np.float64(w[k])
