@@ -142,6 +142,85 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     return total
 
 
+#: cross_entropy with at most this many classes runs the kernel vectorized across rows.
+FEW_CLASSES = 32
+#: Rows transposed at a time by that kernel.
+ROW_BLOCK = 256
+
+
+@parallel_kernel
+def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go, scale):
+    """cross_entropy for few classes (C <= FEW_CLASSES): blocks of rows are transposed to
+    (C, rows) so that every loop runs along rows, where it vectorizes; a row-by-row kernel
+    spends its time in loop overhead on rows of a few elements."""
+    rows, classes = z.shape
+    per_chunk = _rows_per_chunk(classes)
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    off = smoothing / classes if classes else 0.0
+    total_weight = float(classes)
+    if w is not None:
+        total_weight = 0.0
+        for j in range(classes):
+            total_weight += np.float64(w[j])
+    for c in prange(chunks):
+        zt = np.empty((classes, ROW_BLOCK))
+        m = np.empty(ROW_BLOCK)
+        sums = np.empty(ROW_BLOCK)
+        wz = np.empty(ROW_BLOCK)
+        losses = np.zeros(_padded(per_chunk))
+        first = c * per_chunk
+        end = min(first + per_chunk, rows)
+        for r0 in range(first, end, ROW_BLOCK):
+            nb = min(ROW_BLOCK, end - r0)
+            for r in range(nb):
+                for j in range(classes):
+                    zt[j, r] = z[r0 + r, j]
+            m[:nb] = zt[0, :nb]
+            wz[:nb] = 0.0
+            for j in range(classes):
+                wj = 1.0 if w is None else np.float64(w[j])
+                col = zt[j]
+                for r in range(nb):
+                    v = col[r]
+                    m[r] = v if v > m[r] else m[r]
+                    wz[r] += wj * v
+            sums[:nb] = 0.0
+            for j in range(classes):
+                col = zt[j]
+                for r in range(nb):
+                    e = mathfn.exp(col[r] - m[r])
+                    col[r] = e
+                    sums[r] += e
+            for r in range(nb):
+                i = r0 + r
+                k = t[i]
+                if k == ignore_index:
+                    loss = 0.0
+                    if grad_out is not None:
+                        grad_out[i, :] = 0.0
+                else:
+                    lse = m[r] + mathfn.log(sums[r])
+                    wt = 1.0 if w is None else np.float64(w[k])
+                    hit = (1.0 - smoothing) * wt
+                    loss = hit * (lse - np.float64(z[i, k])) + off * (total_weight * lse - wz[r])
+                    if grad_out is not None:
+                        g = scale if go is None else scale * np.float64(go[i])
+                        big_a = (hit + off * total_weight) * g / sums[r]
+                        for j in range(classes):
+                            wj = 1.0 if w is None else np.float64(w[j])
+                            grad_out[i, j] = big_a * zt[j, r] - off * wj * g
+                        grad_out[i, k] -= hit * g
+                if loss_out is not None:
+                    loss_out[i] = loss
+                losses[i - first] = loss
+        partials[c] = tree_sum(losses)
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
 @parallel_kernel
 def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     rows, classes = z.shape
@@ -257,9 +336,10 @@ def cross_entropy(p, loss_out, grads, grad_output, scale):
     _, probabilities, ignore_index, smoothing = p.params
     if probabilities:
         return _run(_cross_entropy_probs, p, loss_out, grads, grad_output, scale, smoothing)
-    return _run(
-        _cross_entropy_index, p, loss_out, grads, grad_output, scale, ignore_index, smoothing
+    rows_kernel = (
+        _cross_entropy_few if p.arrays[0].shape[1] <= FEW_CLASSES else _cross_entropy_index
     )
+    return _run(rows_kernel, p, loss_out, grads, grad_output, scale, ignore_index, smoothing)
 
 
 def nll_loss(p, loss_out, grads, grad_output, scale):
