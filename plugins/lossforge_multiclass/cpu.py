@@ -70,14 +70,14 @@ def _softmax_row(zs, e, scratch):
     for j in range(classes):
         scratch[j] = zs[j]
     scratch[classes:] = -np.inf
-    m = _tree_max(scratch)
+    m = mathfn.like(zs[0], _tree_max(scratch))  # exact: the maximum is one of the row's
     for j in range(classes):
-        v = mathfn.exp(np.float64(zs[j]) - m)
+        v = np.float64(mathfn.exp_native(zs[j] - m))  # float32 rows: 16-lane float32 exp
         e[j] = v
         scratch[j] = v
     scratch[classes:] = 0.0
     total = tree_sum(scratch)
-    return m + math.log(total), total
+    return np.float64(m) + math.log(total), total
 
 
 @parallel_kernel
@@ -164,8 +164,9 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
         for j in range(classes):
             total_weight += np.float64(w[j])
     for c in prange(chunks):
-        zt = np.empty((classes, ROW_BLOCK))
-        m = np.empty(ROW_BLOCK)
+        zt = np.empty((classes, ROW_BLOCK), z.dtype)
+        m = np.empty(ROW_BLOCK, z.dtype)
+        et = np.empty((classes, ROW_BLOCK))
         sums = np.empty(ROW_BLOCK)
         wz = np.empty(ROW_BLOCK)
         losses = np.zeros(_padded(per_chunk))
@@ -184,13 +185,14 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                 for r in range(nb):
                     v = col[r]
                     m[r] = v if v > m[r] else m[r]
-                    wz[r] += wj * v
+                    wz[r] += wj * np.float64(v)
             sums[:nb] = 0.0
             for j in range(classes):
                 col = zt[j]
+                ecol = et[j]
                 for r in range(nb):
-                    e = mathfn.exp(col[r] - m[r])
-                    col[r] = e
+                    e = np.float64(mathfn.exp_native(col[r] - m[r]))
+                    ecol[r] = e
                     sums[r] += e
             for r in range(nb):
                 i = r0 + r
@@ -200,7 +202,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                     if grad_out is not None:
                         grad_out[i, :] = 0.0
                 else:
-                    lse = m[r] + mathfn.log(sums[r])
+                    lse = np.float64(m[r]) + mathfn.log(sums[r])
                     wt = 1.0 if w is None else np.float64(w[k])
                     hit = (1.0 - smoothing) * wt
                     loss = hit * (lse - np.float64(z[i, k])) + off * (total_weight * lse - wz[r])
@@ -209,7 +211,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                         big_a = (hit + off * total_weight) * g / sums[r]
                         for j in range(classes):
                             wj = 1.0 if w is None else np.float64(w[j])
-                            grad_out[i, j] = big_a * zt[j, r] - off * wj * g
+                            grad_out[i, j] = big_a * et[j, r] - off * wj * g
                         grad_out[i, k] -= hit * g
                 if loss_out is not None:
                     loss_out[i] = loss
