@@ -125,7 +125,10 @@ def test_torch_options(name, reduction, dtype, rng):
     )
     rtol = 1e-6 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(value, t_value, rtol=rtol, atol=1e-12)
-    np.testing.assert_allclose(grad, t_grad, rtol=rtol, atol=1e-12)
+    # float32 is computed in float32 arithmetic: a gradient that is a difference of nearly
+    # equal terms (soft labels) is exact to float32 rounding of the terms, not of itself
+    atol = 1e-6 * np.abs(t_grad).max() if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(grad, t_grad, rtol=rtol, atol=atol)
 
 
 @needs_torch

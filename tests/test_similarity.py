@@ -38,7 +38,8 @@ def ref_embedding(a, b, t, margin=0.0, reduction="mean"):
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     losses = []
     for u, v, y in zip(a, b, np.atleast_1d(t)):
-        cos = np.dot(u, v) / np.sqrt((np.dot(u, u) + 1e-12) * (np.dot(v, v) + 1e-12))
+        eps = 9.999999960041972e-13  # PyTorch's 1e-12 is a C++ float
+        cos = np.dot(u, v) / np.sqrt((np.dot(u, u) + eps) * (np.dot(v, v) + eps))
         losses.append(1 - cos if y == 1 else max(0.0, cos - margin) if y == -1 else 0.0)
     losses = np.array(losses)
     if reduction == "none":

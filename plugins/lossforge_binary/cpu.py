@@ -1,7 +1,8 @@
 """CPU kernels of the binary and multi-label losses.
 
-All three are element-wise: one fused pass like the regression family's, the loss a
-loop-invariant switch. Broadcast weights arrive materialised to the input's shape (or
+All three are element-wise: one fused pass like the regression family's. float32 inputs are
+computed in float32 arithmetic (16 SIMD lanes; runtime.mathfn's float32 exp and log, as
+PyTorch computes float32), float64 inputs in float64, and sums accumulate in float64. Broadcast weights arrive materialised to the input's shape (or
 ``None``). ``multilabel_soft_margin_loss`` is the logits loss divided by the class count.
 """
 
@@ -24,32 +25,39 @@ GRAD_EPSILON = float(np.float32(1e-12))
 
 @inline
 def _bce(x, y, pw):
-    """(loss, d loss / d x) of binary_cross_entropy at one element, float64. Selects, not
-    branches, and runtime.mathfn's log: the loop vectorizes. nan stays nan (a clamp written
-    with ``max`` would replace it)."""
-    log_x = mathfn.log(x)
-    log_x = LOG_FLOOR if log_x < LOG_FLOOR else log_x
-    log_1x = mathfn.log(1.0 - x)
-    log_1x = LOG_FLOOR if log_1x < LOG_FLOOR else log_1x
-    denominator = (1.0 - x) * x
-    denominator = GRAD_EPSILON if denominator < GRAD_EPSILON else denominator
-    return -(y * log_x + (1.0 - y) * log_1x), (x - y) / denominator
+    """(loss, d loss / d x) of binary_cross_entropy at one element, in the input's precision
+    (float32 runs 16 lanes a vector). Selects, not branches, and runtime.mathfn's log: the
+    loop vectorizes. nan stays nan (a clamp written with ``max`` would replace it)."""
+    one = mathfn.like(x, 1.0)
+    floor = mathfn.like(x, LOG_FLOOR)
+    epsilon = mathfn.like(x, GRAD_EPSILON)
+    log_x = mathfn.log_native(x)
+    log_x = floor if log_x < floor else log_x
+    log_1x = mathfn.log_native(one - x)
+    log_1x = floor if log_1x < floor else log_1x
+    denominator = (one - x) * x
+    denominator = epsilon if denominator < epsilon else denominator
+    return -(y * log_x + (one - y) * log_1x), (x - y) / denominator
 
 
 @inline
 def _logits(x, y, pw):
     """The same for binary_cross_entropy_with_logits, ``pw`` the positive-class weight:
     ``pw y softplus(-x) + (1 - y) softplus(x)`` with ``softplus(+-x) = s + max(+-x, 0)``,
-    ``s = log1p(exp(-|x|))``."""
-    e = mathfn.exp(-abs(x))  # in (0, 1]
-    w = 1.0 + e
-    r = 1.0 / w  # one division serves log1p's correction and the sigmoid
-    s = mathfn.log(w) - ((w - 1.0) - e) * r  # log1p(e), as in runtime.mathfn.log1p
-    positive = x if x > 0 else 0.0
-    negative = -x if x < 0 else 0.0
-    loss = pw * y * (s + negative) + (1.0 - y) * (s + positive)
-    sigmoid = r if x >= 0 else e * r
-    return loss, (pw * y + 1.0 - y) * sigmoid - pw * y
+    ``s = log1p(exp(-|x|))``; gradient ``(1 - y) sigmoid(x) - pw y sigmoid(-x)``, which has no
+    cancellation for hard labels."""
+    one = mathfn.like(x, 1.0)
+    zero = mathfn.like(x, 0.0)
+    e = mathfn.exp_native(-abs(x))  # in (0, 1]
+    w = one + e
+    r = one / w  # one division serves log1p's correction and both sigmoids
+    s = mathfn.log_native(w) - ((w - one) - e) * r  # log1p(e), as in runtime.mathfn.log1p
+    positive = x if x > zero else zero
+    negative = -x if x < zero else zero
+    loss = pw * y * (s + negative) + (one - y) * (s + positive)
+    sigmoid = r if x >= zero else e * r
+    sigmoid_neg = e * r if x >= zero else r
+    return loss, (one - y) * sigmoid - pw * y * sigmoid_neg
 
 
 @inline
@@ -87,16 +95,16 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             # one loop per loss, each with its element function inlined: they vectorize
             if kind == BCE:
                 for k in range(hi - lo):
-                    loss, g = _bce(np.float64(xs[k]), np.float64(ys[k]), 1.0)
+                    loss, g = _bce(xs[k], ys[k], ys[k])
                     _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
             elif pw is None:
                 for k in range(hi - lo):
-                    loss, g = _logits(np.float64(xs[k]), np.float64(ys[k]), 1.0)
+                    loss, g = _logits(xs[k], ys[k], mathfn.like(xs[k], 1.0))
                     _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
             else:
                 pws = pw[lo:hi]
                 for k in range(hi - lo):
-                    loss, g = _logits(np.float64(xs[k]), np.float64(ys[k]), np.float64(pws[k]))
+                    loss, g = _logits(xs[k], ys[k], pws[k])
                     _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)

@@ -99,7 +99,8 @@ def _ref_cosine_similarity(x1, x2, dim=1, eps=1e-8, **_):
 
 def _ref_cosine_embedding(input1, input2, target, margin=0.0, **_):
     a, b = np.asarray(input1, np.float64), np.asarray(input2, np.float64)
-    cos = (a * b).sum(-1) / np.sqrt(((a * a).sum(-1) + 1e-12) * ((b * b).sum(-1) + 1e-12))
+    eps = float(np.float32(1e-12))  # PyTorch's constant is a C++ float
+    cos = (a * b).sum(-1) / np.sqrt(((a * a).sum(-1) + eps) * ((b * b).sum(-1) + eps))
     t = np.asarray(target)
     return np.where(t == 1, 1 - cos, np.where(t == -1, np.maximum(cos - margin, 0), 0.0))
 
@@ -152,7 +153,7 @@ SPECS = [
         example=_example_embedding,
         doc="""Cosine embedding loss: ``1 - cos`` where ``target == 1`` and
     ``max(0, cos - margin)`` where ``target == -1`` (other targets give 0, as in PyTorch),
-    with ``cos = x1.x2 / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12))``.
+    with ``cos = x1.x2 / sqrt((|x1|^2 + e)(|x2|^2 + e))``, ``e`` PyTorch's 1e-12 held in a float32.
     ``grad`` returns ``(d/dinput1, d/dinput2)``.
 
     Shape:

@@ -61,8 +61,8 @@ def _cosine_similarity(x1, x2, eps, loss_out, g1_out, g2_out, go):
     return 0.0
 
 
-#: PyTorch's cosine_embedding_loss adds this to each squared norm.
-EMBEDDING_EPSILON = 1e-12
+#: PyTorch's cosine_embedding_loss adds this to each squared norm: 1e-12 held in a C++ float.
+EMBEDDING_EPSILON = float(np.float32(1e-12))
 
 
 @parallel_kernel

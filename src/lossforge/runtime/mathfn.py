@@ -213,3 +213,48 @@ def _like(x, value):
     if x == types.float32:
         return lambda x, value: numba.float32(value)
     return lambda x, value: numba.float64(value)
+
+
+_SQRT2_F = _F(1.41421356)
+_MANTISSA_F = (1 << 23) - 1
+_TWO_F = _F(2.0)
+
+
+@numba.njit(**_INLINE)
+def log_f32(x):
+    """Natural logarithm in float32 arithmetic, within 2 float32 ulp for normal x; edges as
+    ``log`` (subnormal inputs are scaled first)."""
+    tiny = x < _F(1.17549435e-38)
+    y = x * _F(16777216.0) if tiny else x  # 2 ** 24
+    bits = _f32_as_int32(y)
+    e = ((bits >> 23) & 0xFF) - 127 - (24 if tiny else 0)
+    m = _int32_as_f32(numba.int32((bits & _MANTISSA_F) | (127 << 23)))
+    big = m > _SQRT2_F
+    m = m * _HALF_F if big else m
+    e = e + 1 if big else e
+    f = m - _ONE_F
+    s = f / (_TWO_F + f)
+    z = s * s
+    q = _F(1.0 / 9.0)
+    q = q * z + _F(1.0 / 7.0)
+    q = q * z + _F(1.0 / 5.0)
+    q = q * z + _F(1.0 / 3.0)
+    logm = f - s * (f - z * _TWO_F * q)
+    fe = numba.float32(e)
+    result = fe * _LN2_HI_F + (logm + fe * _LN2_LO_F)
+    result = _F(-np.inf) if x == _ZERO_F else result
+    result = x if x == _F(np.inf) else result
+    result = _F(np.nan) if x < _ZERO_F else result
+    return x if x != x else result
+
+
+def log_native(x):
+    """``log`` in the precision of ``x`` (see ``exp_native``)."""
+    return math.log(x)
+
+
+@overload(log_native, inline="always")
+def _log_native(x):
+    if x == types.float32:
+        return lambda x: log_f32(x)
+    return lambda x: log(numba.float64(x))
