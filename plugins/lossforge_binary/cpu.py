@@ -2,8 +2,9 @@
 
 All three are element-wise: one fused pass like the regression family's. float32 inputs are
 computed in float32 arithmetic (16 SIMD lanes; runtime.mathfn's float32 exp and log, as
-PyTorch computes float32), float64 inputs in float64, and sums accumulate in float64. Broadcast weights arrive materialised to the input's shape (or
-``None``). ``multilabel_soft_margin_loss`` is the logits loss divided by the class count.
+PyTorch computes float32), float64 inputs in float64, and sums accumulate in float64.
+Broadcast weights arrive materialised to the input's shape (or ``None``).
+``multilabel_soft_margin_loss`` is the logits loss divided by the class count.
 """
 
 from __future__ import annotations
