@@ -88,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm.add_argument("names", nargs="*", help="losses (default: all)")
     warm.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     warm.set_defaults(run=_warmup)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # bench parses its own options (REMAINDER drops leading ones)
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default")

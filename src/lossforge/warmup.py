@@ -1,0 +1,123 @@
+"""Compile lossforge's CPU kernels ahead of time: ``python -m lossforge warmup`` or
+:func:`warmup`.
+
+Every CPU kernel is a Numba function compiled on first use (1-3 s for each variant) and then
+cached on disk (``cache=True``), so that later processes load it in milliseconds. A variant is
+one combination of argument types: dtype, serial or parallel (inputs below or above
+``lossforge.runtime.cpu.PARALLEL_MIN`` elements), and which outputs are wanted (the value
+alone, or the value and the gradient). :func:`warmup` calls each loss once per variant on
+inputs from :mod:`lossforge.inputs`, which compiles the kernel, or loads it from the cache if
+it is there already, and fills the cache for the next process: run it once after installing
+(a Docker image build step, a job's setup) so that no training step pays for compilation.
+
+It covers the losses' default options (``reduction="mean"``, no weights, class-index targets);
+``reductions=("mean", "none")`` adds the per-element-value variants. Other combinations
+(weights, probability targets, a ``grad_output`` array) are further variants, compiled on
+their first use.
+
+Where the cache lives
+---------------------
+Numba writes the cache of a kernel into ``__pycache__`` beside the module that defines it
+(``lossforge_regression/__pycache__/*.nbi``, ``*.nbc``). When that directory is not writable
+(a read-only install: a system ``site-packages``, a read-only container layer), Numba falls
+back to a per-user directory, ``$XDG_CACHE_HOME/numba/`` (``~/.cache/numba/`` by default),
+in a subdirectory named after the package and a hash of its install path
+(``lossforge_regression_<sha1>/``). ``NUMBA_CACHE_DIR=/some/dir`` overrides
+both (for every module), e.g. to ship a warmed cache in an image or to share one between
+users; the directory must be writable by whoever compiles first. The cache is keyed on the
+source file's modification time and size, the Numba version and the CPU: a reinstall, an
+upgrade or another CPU model recompiles once. Run the warmup as the user (and with the
+``NUMBA_CACHE_DIR``) that will run the code.
+
+Checked on a read-only bind mount of a ``pip install --target`` tree: the first process
+compiled into ``~/.cache/numba/lossforge_regression_<sha1>/`` (3.7 s for ``mse_loss``'s
+float32 variants), the next one loaded from there (0.5 s, Numba's start included), nothing was
+written beside the sources; with ``XDG_CACHE_HOME`` or ``NUMBA_CACHE_DIR`` set, the cache went
+there instead.
+
+Importing this module compiles nothing and does not import Numba.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+#: Elements of the small (serial) inputs; the large (parallel) inputs get
+#: ``2 * PARALLEL_MIN``.
+SERIAL_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Warmed:
+    """One kernel variant compiled (or loaded from the cache)."""
+
+    loss: str
+    dtype: str
+    variant: str  # "serial" or "parallel"
+    call: str  # "value", "value_and_grad", "value (none)", "value_and_grad (none)"
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.loss} {self.dtype} {self.variant} {self.call}: {self.seconds:.2f} s"
+
+
+def warmup(
+    names: Iterable[str] | None = None,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    progress: Callable[[str], object] | None = None,
+    *,
+    reductions: Sequence[str] = ("mean",),
+) -> list[Warmed]:
+    """Compile (or load from Numba's cache) the CPU kernels of the losses ``names`` (default:
+    every registered loss) for each dtype: serial and parallel variants, value and
+    value-and-gradient, for each reduction in ``reductions`` (``"mean"`` stands for
+    ``"sum"`` too: one kernel). Returns what was run, with the seconds each took (a few
+    milliseconds when it came from the cache); ``progress`` gets a line for each.
+
+    A registered loss that :mod:`lossforge.inputs` has no factory for (a third-party plugin's)
+    is skipped, with a line to ``progress``. An unknown name raises ``KeyError``.
+    """
+    import numpy as np
+
+    import lossforge as lf
+    from lossforge import inputs
+    from lossforge.runtime.cpu import PARALLEL_MIN
+
+    names = list(lf.list_losses() if names is None else names)
+    for name in names:
+        lf.get(name)  # KeyError with suggestions for a misspelt name
+    done: list[Warmed] = []
+    rng = np.random.default_rng(0)
+    for name in names:
+        if name not in inputs.KNOWN:
+            if progress is not None:
+                progress(f"{name}: no input factory in lossforge.inputs, skipped")
+            continue
+        loss = lf.get(name)
+        for dtype in dtypes:
+            dtype = np.dtype(dtype).name
+            for variant, size in (("serial", SERIAL_SIZE), ("parallel", 2 * PARALLEL_MIN)):
+                arrays, options = inputs.make_inputs(name, size, dtype, rng)
+                for reduction in reductions:
+                    opts = dict(options)
+                    suffix = ""
+                    if loss.reduced:
+                        opts["reduction"] = reduction
+                        suffix = "" if reduction in ("mean", "sum") else f" ({reduction})"
+                    elif reduction != reductions[0]:
+                        continue  # not reduced (cosine_similarity): one set of variants
+                    for call in ("value", "value_and_grad"):
+                        start = time.perf_counter()
+                        if call == "value":
+                            loss(*arrays, **opts)
+                        else:
+                            loss.value_and_grad(*arrays, **opts)
+                        item = Warmed(
+                            name, dtype, variant, call + suffix, time.perf_counter() - start
+                        )
+                        done.append(item)
+                        if progress is not None:
+                            progress(str(item))
+    return done
