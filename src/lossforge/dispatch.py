@@ -19,7 +19,11 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
     for a in arrays:
         if a is None:
             continue
-        if hasattr(a, "__cuda_array_interface__"):
+        # __cuda_ndarray__: Numba's device arrays, also under the CUDA simulator (whose arrays
+        # have no __cuda_array_interface__)
+        if type(a) is not np.ndarray and (
+            hasattr(a, "__cuda_array_interface__") or hasattr(a, "__cuda_ndarray__")
+        ):
             device += 1
         else:
             host += 1
@@ -33,10 +37,13 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
             "CUDA arrays (move them with numba.cuda.to_device, cupy.asarray or tensor.cuda())"
         )
     found = "cuda" if device else "cpu"
+    if forced == "cuda" or (found == "cuda" and forced is None):
+        # host arrays are copied to the device by the CUDA runtime, which also picks the
+        # stream the call's kernels run on from the arrays
+        cuda_runtime().begin_call(arrays)
+        return "cuda"
     if forced is None or forced == found:
         return found
-    if forced == "cuda":
-        return "cuda"  # host arrays are copied to the device by the CUDA runtime
     raise ValueError(
         "backend='cpu' was asked for but the arguments are CUDA arrays; copy them to the host "
         "first (e.g. .copy_to_host(), cupy.asnumpy or tensor.cpu())"
