@@ -406,6 +406,17 @@ def finish(scratch: Any) -> tuple[float, int]:
 
 
 @device
+def log(v):
+    """``math.log`` with IEEE results at 0 (-inf) and below (nan) on every target: the
+    simulator's ``math.log`` raises there, as Python's does."""
+    if v > 0.0:
+        return math.log(v)
+    if v == 0.0:
+        return -math.inf
+    return math.nan
+
+
+@device
 def group_sum(sh, tid, lane, lanes, value):
     """The sum of ``value`` over the ``lanes`` threads of this thread's group (threads
     ``tid - lane`` to ``tid - lane + lanes - 1``), by a fixed tree, returned to every lane.
