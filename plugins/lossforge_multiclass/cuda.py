@@ -265,9 +265,19 @@ def cross_entropy(p, loss_out, grads, grad_output, scale):
             )
         else:
             _cross_entropy_index[blocks, THREADS, rt.stream()](
-                z, t, w, classes, ignore_index, smoothing, loss, grad, go, float(scale), lanes,
+                z,
+                t,
+                w,
+                classes,
+                ignore_index,
+                smoothing,
+                loss,
+                grad,
+                go,
+                float(scale),
+                lanes,
                 scratch,
-            )  # fmt: skip
+            )
         return scratch
 
     return _run(p, loss_out, grads, launch)
