@@ -544,9 +544,7 @@ def total(array: Any) -> float:
 def as_out(out: Any) -> Any:
     """A caller's ``out=`` array as a Numba device array the kernels can write into; the
     caller's object is returned by ``to_caller`` in its place."""
-    if _is_numba(out):
-        return out
-    view = as_device_array(out)
+    view = out.bind(out.stream) if _is_numba(out) else as_device_array(out)  # a new object
     view._lossforge_out = out
     return view
 
