@@ -19,7 +19,7 @@ import pytest
 from numba import cuda
 
 import lossforge as lf
-from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, Prepared, dispatch, hookimpl, validate
 from lossforge.runtime import cuda as rt
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -504,6 +504,17 @@ def test_mixing_host_and_device_arrays():
         lf.cosine_embedding_loss(dev(x), dev(x), np.array(1.0))
     with pytest.raises(ValueError, match="backend='cpu' was asked for"):
         lf.mse_loss(dev(x), dev(x), backend="cpu")
+
+
+def test_a_device_array_refusing_its_interface_is_still_a_device_array():
+    class RequiresGrad:  # what a PyTorch CUDA tensor that requires grad does
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    assert dispatch.backend_of([RequiresGrad(), dev(np.ones(2))]) == "cuda"
+    with pytest.raises(ValueError, match="same device"):
+        dispatch.backend_of([RequiresGrad(), np.ones(2)])
 
 
 def test_backend_cuda_forced_on_host_arrays():

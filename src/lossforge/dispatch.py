@@ -19,11 +19,7 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
     for a in arrays:
         if a is None:
             continue
-        # __cuda_ndarray__: Numba's device arrays, also under the CUDA simulator (whose arrays
-        # have no __cuda_array_interface__)
-        if type(a) is not np.ndarray and (
-            hasattr(a, "__cuda_array_interface__") or hasattr(a, "__cuda_ndarray__")
-        ):
+        if type(a) is not np.ndarray and on_device(a):
             device += 1
         else:
             host += 1
@@ -48,6 +44,16 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
         "backend='cpu' was asked for but the arguments are CUDA arrays; copy them to the host "
         "first (e.g. .copy_to_host(), cupy.asnumpy or tensor.cpu())"
     )
+
+
+def on_device(a: Any) -> bool:
+    """Whether ``a`` is a CUDA array: it exposes ``__cuda_array_interface__``, or is a Numba
+    device array (``__cuda_ndarray__``, also under the CUDA simulator, whose arrays have no
+    interface)."""
+    try:
+        return hasattr(a, "__cuda_array_interface__") or hasattr(a, "__cuda_ndarray__")
+    except RuntimeError:  # a PyTorch CUDA tensor that requires grad refuses the interface
+        return True
 
 
 @cache

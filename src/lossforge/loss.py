@@ -225,7 +225,7 @@ def _divide(a: float, b: float) -> float:
 
 
 def _scalar(name: str, value: Any) -> float:
-    if hasattr(value, "__cuda_array_interface__") or hasattr(value, "__cuda_ndarray__"):
+    if not isinstance(value, (float, int, np.ndarray, np.generic)) and dispatch.on_device(value):
         value = dispatch.cuda_runtime().to_host(value)  # a device scalar (e.g. a CUDA tensor)
     array = np.asarray(value)
     if array.shape != () and array.size != 1:
@@ -249,7 +249,7 @@ def _check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, bac
     if backend == "cpu" and not isinstance(out, np.ndarray):
         raise TypeError(f"{where} must be a NumPy array, got {type(out).__name__}")
     if backend == "cuda":
-        if not (hasattr(out, "__cuda_array_interface__") or hasattr(out, "__cuda_ndarray__")):
+        if not dispatch.on_device(out):
             raise TypeError(f"{where} must be a CUDA array, got {type(out).__name__}")
         out = dispatch.cuda_runtime().as_out(out)
     if tuple(out.shape) != tuple(shape):

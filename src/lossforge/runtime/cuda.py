@@ -125,11 +125,10 @@ def _stream_of(arrays: Any) -> Any:
     for a in arrays:
         if a is None:
             continue
-        module = type(a).__module__
-        if module.startswith("torch") and getattr(a, "is_cuda", False):
+        if _is_torch_cuda(a):
             torch = sys.modules["torch"]
             return _external_stream(torch.cuda.current_stream(a.device).cuda_stream)
-        if module.startswith("cupy"):
+        if type(a).__module__.startswith("cupy"):
             return _external_stream(sys.modules["cupy"].cuda.get_current_stream().ptr)
         bound = getattr(a, "stream", 0) if getattr(a, "__cuda_ndarray__", False) else 0
         if bound:
@@ -158,7 +157,14 @@ def synchronize() -> None:
 
 
 def is_device_array(x: Any) -> bool:
-    return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
+    try:
+        return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
+    except RuntimeError:  # a PyTorch CUDA tensor that requires grad
+        return True
+
+
+def _is_torch_cuda(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and bool(getattr(x, "is_cuda", False))
 
 
 def _is_numba(x: Any) -> bool:
@@ -172,9 +178,9 @@ def as_device_array(x: Any) -> Any:
     returned as is, for validation to reject by its dtype."""
     if _is_numba(x):
         return x
+    if _is_torch_cuda(x):  # its interface refuses tensors that require grad
+        return _from_interface(x.detach())
     if hasattr(x, "__cuda_array_interface__"):
-        if type(x).__module__.startswith("torch"):
-            x = x.detach()
         return _from_interface(x)
     host = np.asarray(x)
     if host.dtype.kind not in "biufc":
@@ -551,12 +557,11 @@ def as_out(out: Any) -> Any:
 
 def _converter(arrays: Any) -> Any:
     for a in arrays:
-        module = type(a).__module__
-        if module.startswith("torch") and getattr(a, "is_cuda", False):
+        if _is_torch_cuda(a):
             torch = sys.modules["torch"]
             where = a.device
             return lambda d: torch.as_tensor(d, device=where)
-        if module.startswith("cupy"):
+        if type(a).__module__.startswith("cupy"):
             cupy = sys.modules["cupy"]
             return cupy.asarray
     return None
