@@ -10,8 +10,10 @@ tests/test_cuda.py`` runs the same tests on the device, and the ``gpu``-marked o
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -595,6 +597,18 @@ def test_import_lossforge_imports_no_cuda_stack():
         "assert 'numba.cuda' not in sys.modules and 'lossforge.runtime.cuda' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_kernels_compile_for_the_cuda_target():
+    """The simulator runs kernels as Python; this types and lowers each one for the real CUDA
+    target (and compiles it to PTX where libNVVM is installed), in a fresh process."""
+    script = Path(__file__).with_name("cuda_compile.py")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert " 0 failed" in done.stdout
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="checks the refusal under the simulator")
