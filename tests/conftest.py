@@ -1,5 +1,9 @@
 import os
 
+# Without a GPU the CUDA kernels run under Numba's simulator, read when numba is imported: set
+# it before anything imports numba (NUMBA_ENABLE_CUDASIM=0 in the environment tests a real GPU).
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import numpy as np
 import pytest
 from hypothesis import settings

@@ -25,6 +25,14 @@ _SHAPE = """
 """
 
 
+def outside_unit(bad: float) -> ValueError:
+    """The error for a ``binary_cross_entropy`` input ``bad`` outside [0, 1]."""
+    return ValueError(
+        f"binary_cross_entropy input must be probabilities in [0, 1], found {bad!r}; "
+        "for logits use binary_cross_entropy_with_logits"
+    )
+
+
 def _broadcast(name, value, shape, dtype, backend, hint=""):
     """``value`` materialised to ``shape`` (C-contiguous ``dtype``), or None."""
     if value is None:
@@ -32,7 +40,7 @@ def _broadcast(name, value, shape, dtype, backend, hint=""):
     array = validate.as_array(value, backend)
     validate.float_dtype(name, array)
     try:
-        full = np.broadcast_to(array, shape)
+        full = validate.broadcast_to(array, shape, backend)
     except ValueError:
         raise ValueError(
             f"{name} of shape {tuple(array.shape)} does not broadcast to the input's shape "
@@ -48,12 +56,10 @@ def _prepare(kind, arrays, options, backend):
     w = _broadcast("weight", options["weight"], shape, dtype, backend)
     pw = None
     if kind == BCE:
-        bad = _any_outside_unit(x.ravel())
-        if bad != 0.5:
-            raise ValueError(
-                f"binary_cross_entropy input must be probabilities in [0, 1], found {bad!r}; "
-                "for logits use binary_cross_entropy_with_logits"
-            )
+        if backend == "cpu":  # the CUDA kernel flags bad inputs in its own pass
+            bad = _any_outside_unit(x.ravel())
+            if bad != 0.5:
+                raise outside_unit(bad)
     else:
         last = shape[-1] if shape else 1
         pw = _broadcast(
@@ -215,6 +221,8 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    yield KernelSpec("binary_cross_entropy", "cpu", "lossforge_binary.cpu:binary")
-    yield KernelSpec("binary_cross_entropy_with_logits", "cpu", "lossforge_binary.cpu:binary")
-    yield KernelSpec("multilabel_soft_margin_loss", "cpu", "lossforge_binary.cpu:multilabel")
+    for backend in ("cpu", "cuda"):
+        module = f"lossforge_binary.{backend}"
+        yield KernelSpec("binary_cross_entropy", backend, f"{module}:binary")
+        yield KernelSpec("binary_cross_entropy_with_logits", backend, f"{module}:binary")
+        yield KernelSpec("multilabel_soft_margin_loss", backend, f"{module}:multilabel")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, Prepared, dispatch, hookimpl, validate
 from lossforge_multiclass.cpu import check_targets
 
 _SHAPE = """
@@ -57,7 +57,7 @@ def _prepare(name, arrays, options, backend):
     dtype, result = validate.compute_dtype(*dtypes)
     weight = options["weight"]
     if weight is None:
-        weight = np.empty(0, dtype)
+        weight = dispatch.empty((0,), dtype, backend)
     else:
         weight = validate.as_array(weight, backend)
         validate.float_dtype("weight", weight)
@@ -70,18 +70,26 @@ def _prepare(name, arrays, options, backend):
         t = t.reshape(1, classes) if probabilities else t.reshape(1)
     elif x.ndim == 2:
         z = x
-    else:
-        z = np.moveaxis(x, 1, -1)
-        moved = z.shape
-        z = z.reshape(-1, classes)
-        t = np.moveaxis(t, 1, -1).reshape(-1, classes) if probabilities else t.reshape(-1)
+    else:  # one copy: the class dimension moved last, made contiguous, seen as rows
+        z = validate.moveaxis(x, 1, -1, backend)
+        moved = tuple(z.shape)
+        z = validate.as_float("input", z, dtype, backend).reshape(-1, classes)
+        if probabilities:
+            t = validate.moveaxis(t, 1, -1, backend)
+            t = validate.as_float("target", t, dtype, backend).reshape(-1, classes)
+        else:
+            t = t.reshape(-1)
     z = validate.as_float("input", z, dtype, backend)
     rows = z.shape[0]
     if probabilities:
         t = validate.as_float("target", t, dtype, backend)
         denominator = float(rows)
     else:
-        bad, denominator = check_targets(t, classes, ignore_index, weight if weight.size else None)
+        if backend == "cpu":
+            check = check_targets
+        else:
+            from lossforge_multiclass.cuda import check_targets as check
+        bad, denominator = check(t, classes, ignore_index, weight if weight.size else None)
         if bad != ignore_index:
             raise IndexError(
                 f"target {bad} is out of bounds: class indices must be in [0, {classes}) "
@@ -206,5 +214,7 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    yield KernelSpec("cross_entropy", "cpu", "lossforge_multiclass.cpu:cross_entropy")
-    yield KernelSpec("nll_loss", "cpu", "lossforge_multiclass.cpu:nll_loss")
+    for backend in ("cpu", "cuda"):
+        module = f"lossforge_multiclass.{backend}"
+        yield KernelSpec("cross_entropy", backend, f"{module}:cross_entropy")
+        yield KernelSpec("nll_loss", backend, f"{module}:nll_loss")

@@ -171,3 +171,4 @@ def lossforge_losses():
 def lossforge_kernels():
     for spec in SPECS:
         yield KernelSpec(spec.name, "cpu", "lossforge_regression.cpu:regression")
+        yield KernelSpec(spec.name, "cuda", "lossforge_regression.cuda:regression")

@@ -41,10 +41,12 @@ def _prepare_cosine_similarity(arrays, options, backend):
     moved = None
     if dim == ndim - 1:
         x1, x2 = x1.reshape(-1, size), x2.reshape(-1, size)
-    else:
-        moved = tuple(np.moveaxis(x1, dim, -1).shape)
-        x1 = np.ascontiguousarray(np.moveaxis(x1, dim, -1)).reshape(-1, size)
-        x2 = np.ascontiguousarray(np.moveaxis(x2, dim, -1)).reshape(-1, size)
+    else:  # one copy each: dim moved last, made contiguous, seen as rows
+        x1 = validate.moveaxis(x1, dim, -1, backend)
+        x2 = validate.moveaxis(x2, dim, -1, backend)
+        moved = tuple(x1.shape)
+        x1 = validate.as_float("x1", x1, dtype, backend).reshape(-1, size)
+        x2 = validate.as_float("x2", x2, dtype, backend).reshape(-1, size)
     return Prepared(
         arrays=(x1, x2),
         params=(eps, moved, dim),
@@ -76,7 +78,7 @@ def _prepare_cosine_embedding(arrays, options, backend):
         arrays=(
             x1.reshape(rows, shape[-1]),
             x2.reshape(rows, shape[-1]),
-            np.asarray(t, np.float64).reshape(-1),
+            validate.as_float("target", t, np.dtype(np.float64), backend).reshape(-1),
         ),
         params=(margin,),
         reduction=options["reduction"],
@@ -171,7 +173,7 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    yield KernelSpec("cosine_similarity", "cpu", "lossforge_similarity.cpu:cosine_similarity")
-    yield KernelSpec(
-        "cosine_embedding_loss", "cpu", "lossforge_similarity.cpu:cosine_embedding_loss"
-    )
+    for backend in ("cpu", "cuda"):
+        module = f"lossforge_similarity.{backend}"
+        yield KernelSpec("cosine_similarity", backend, f"{module}:cosine_similarity")
+        yield KernelSpec("cosine_embedding_loss", backend, f"{module}:cosine_embedding_loss")

@@ -19,7 +19,7 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
     for a in arrays:
         if a is None:
             continue
-        if hasattr(a, "__cuda_array_interface__"):
+        if type(a) is not np.ndarray and on_device(a):
             device += 1
         else:
             host += 1
@@ -33,14 +33,27 @@ def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
             "CUDA arrays (move them with numba.cuda.to_device, cupy.asarray or tensor.cuda())"
         )
     found = "cuda" if device else "cpu"
+    if forced == "cuda" or (found == "cuda" and forced is None):
+        # host arrays are copied to the device by the CUDA runtime, which also picks the
+        # stream the call's kernels run on from the arrays
+        cuda_runtime().begin_call(arrays)
+        return "cuda"
     if forced is None or forced == found:
         return found
-    if forced == "cuda":
-        return "cuda"  # host arrays are copied to the device by the CUDA runtime
     raise ValueError(
         "backend='cpu' was asked for but the arguments are CUDA arrays; copy them to the host "
         "first (e.g. .copy_to_host(), cupy.asnumpy or tensor.cpu())"
     )
+
+
+def on_device(a: Any) -> bool:
+    """Whether ``a`` is a CUDA array: it exposes ``__cuda_array_interface__``, or is a Numba
+    device array (``__cuda_ndarray__``, also under the CUDA simulator, whose arrays have no
+    interface)."""
+    try:
+        return hasattr(a, "__cuda_array_interface__") or hasattr(a, "__cuda_ndarray__")
+    except RuntimeError:  # a PyTorch CUDA tensor that requires grad refuses the interface
+        return True
 
 
 @cache

@@ -204,8 +204,10 @@ class Loss:
             finals = (out,) if n == 1 and not isinstance(out, tuple) else tuple(out)
             if len(finals) != n:
                 raise ValueError(f"out must be a tuple of {n} arrays, one per gradient")
-            for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes):
+            finals = tuple(
                 _check_out(name, o, s, d, p.backend)
+                for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes)
+            )
         if all(f.dtype == p.dtype for f in finals):
             return finals, finals
         buffers = tuple(
@@ -222,6 +224,8 @@ def _divide(a: float, b: float) -> float:
 
 
 def _scalar(name: str, value: Any) -> float:
+    if not isinstance(value, (float, int, np.ndarray, np.generic)) and dispatch.on_device(value):
+        value = dispatch.cuda_runtime().to_host(value)  # a device scalar (e.g. a CUDA tensor)
     array = np.asarray(value)
     if array.shape != () and array.size != 1:
         raise ValueError(f"{name} of a reduced loss must be a scalar, got shape {array.shape}")
@@ -238,13 +242,21 @@ def _cast(array: Any, dtype: np.dtype, backend: str) -> Any:
     return dispatch.cuda_runtime().astype(array, dtype)
 
 
-def _check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, backend: str) -> None:
+def _check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, backend: str) -> Any:
+    """``out`` checked, as the kernels write into it (a Numba view of a CUDA ``out``)."""
     where = f"out (the gradient of {name})"
     if backend == "cpu" and not isinstance(out, np.ndarray):
         raise TypeError(f"{where} must be a NumPy array, got {type(out).__name__}")
+    if backend == "cuda":
+        if not dispatch.on_device(out):
+            raise TypeError(f"{where} must be a CUDA array, got {type(out).__name__}")
+        out = dispatch.cuda_runtime().as_out(out)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{where} must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if np.dtype(out.dtype) != dtype:
         raise TypeError(f"{where} must have dtype {dtype.name}, got {np.dtype(out.dtype).name}")
     if backend == "cpu" and not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"{where} must be a writeable C-contiguous array")
+    if backend == "cuda" and not out.is_c_contiguous():
+        raise ValueError(f"{where} must be a C-contiguous CUDA array")
+    return out

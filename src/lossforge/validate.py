@@ -127,6 +127,20 @@ def as_index(name: str, array: Any, backend: str) -> Any:
     return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
 
 
+def moveaxis(array: Any, source: int, destination: int, backend: str) -> Any:
+    """``np.moveaxis`` on either backend (a view, not a copy)."""
+    if backend == "cpu":
+        return np.moveaxis(array, source, destination)
+    return dispatch.cuda_runtime().moveaxis(array, source, destination)
+
+
+def broadcast_to(array: Any, shape: tuple[int, ...], backend: str) -> Any:
+    """``np.broadcast_to`` on either backend (a view); ``ValueError`` if it does not fit."""
+    if backend == "cpu":
+        return np.broadcast_to(array, shape)
+    return dispatch.cuda_runtime().broadcast_to(array, shape)
+
+
 def check_same_shape(names: Sequence[str], arrays: Sequence[Any]) -> tuple[int, ...]:
     shape = tuple(arrays[0].shape)
     for name, array in zip(names[1:], arrays[1:], strict=True):

@@ -1,0 +1,173 @@
+"""CUDA kernels of the binary and multi-label losses, the CPU kernels' formulas (``cpu.py``)
+in float64 with deterministic per-block partials (``lossforge.runtime.cuda``).
+
+``binary_cross_entropy``/``binary_cross_entropy_with_logits``: one element per thread in a
+grid-stride loop. The [0, 1] check of ``binary_cross_entropy`` is made in the same pass: each
+block flags the first input outside [0, 1] it saw, and the call raises ``ValueError`` naming
+the first one in memory order (as the CPU's separate pass does).
+
+``multilabel_soft_margin_loss``: rows of classes, each row summed by a group of threads (a
+whole block for long rows) with a fixed tree; the gradient is element-wise and coalesced.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float64
+
+import lossforge_binary
+from lossforge.runtime import cuda as rt
+from lossforge.runtime.cuda import NO_FLAG, THREADS
+
+BCE, BCE_LOGITS = 0, 1
+LOG_FLOOR = -100.0
+GRAD_EPSILON = lossforge_binary.cpu.GRAD_EPSILON  # PyTorch's float32 1e-12
+
+
+@rt.device
+def _softplus(x):
+    """log(1 + exp(x)), stable for any x."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@rt.device
+def _sigmoid(x):
+    e = math.exp(-abs(x))
+    return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+
+
+@rt.device
+def _element(kind, x, y, pw):
+    """(loss, d loss / d x) of one element in float64; ``pw`` is the positive-class weight."""
+    if kind == BCE:
+        loss = -(y * max(rt.log(x), LOG_FLOOR) + (1.0 - y) * max(rt.log(1.0 - x), LOG_FLOOR))
+        return loss, (x - y) / max((1.0 - x) * x, GRAD_EPSILON)
+    loss = pw * y * _softplus(-x) + (1.0 - y) * _softplus(x)
+    return loss, (pw * y + 1.0 - y) * _sigmoid(x) - pw * y
+
+
+@rt.kernel
+def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale, scratch):
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    weighted = w.size > 0
+    positive = pw.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.size > 0
+    upstream = go.size > 0
+    acc = 0.0
+    bad = NO_FLAG
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        xi = float64(x[i])
+        if kind == BCE and (xi < 0.0 or xi > 1.0):
+            if bad == NO_FLAG:
+                bad = float64(i)  # a thread's indices increase: its first is its smallest
+            loss = g = math.nan  # the call raises
+        else:
+            p = float64(pw[i]) if positive else 1.0
+            loss, g = _element(kind, xi, float64(y[i]), p)
+        if weighted:
+            loss *= float64(w[i])
+            g *= float64(w[i])
+        if want_loss:
+            loss_out[i] = loss
+        if want_grad:
+            if upstream:
+                g *= float64(go[i])
+            grad_out[i] = g * scale
+        acc += loss
+    rt.write_partials(sa, sb, scratch, acc, bad)
+
+
+@rt.kernel
+def _multilabel(z, y, w, rows, classes, loss_out, grad_out, go, scale, lanes, scratch):
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % lanes
+    per_block = THREADS // lanes
+    weighted = w.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.size > 0
+    upstream = go.size > 0
+    inverse = 1.0 / classes if classes else 0.0
+    acc = 0.0
+    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+        i = base + tid // lanes
+        active = i < rows
+        s = 0.0
+        if active:
+            g = scale * inverse if not upstream else scale * inverse * float64(go[i])
+            for j in range(lane, classes, lanes):
+                k = i * classes + j
+                loss, d = _element(BCE_LOGITS, float64(z[k]), float64(y[k]), 1.0)
+                if weighted:
+                    loss *= float64(w[k])
+                    d *= float64(w[k])
+                s += loss
+                if want_grad:
+                    grad_out[k] = d * g
+        row = rt.group_sum(sa, tid, lane, lanes, s)
+        if active and lane == 0:
+            row *= inverse
+            if want_loss:
+                loss_out[i] = row
+            acc += row
+    rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def binary(p, loss_out, grads, grad_output, scale):
+    """The KernelSpec function of both binary losses; ``p.arrays = (x, y, w, pw)``."""
+    x, y, w, pw = p.arrays
+    kind = p.params[0]
+    n = x.size
+    if n == 0:
+        return 0.0
+    dtype = p.dtype
+    blocks = rt.blocks_for(n)
+    scratch = rt.partials(blocks)
+    _binary[blocks, THREADS, rt.stream()](
+        kind,
+        rt.flat(x, dtype),
+        rt.flat(y, dtype),
+        rt.flat(w, dtype),
+        rt.flat(pw, dtype),
+        rt.flat(loss_out, dtype),
+        rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+        rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+        float(scale),
+        scratch,
+    )
+    if kind == BCE or p.reduction in ("mean", "sum"):
+        total, bad = rt.finish(scratch)
+        if bad >= 0:
+            raise lossforge_binary.outside_unit(float(rt.element(x, bad)))
+        return total
+    return 0.0
+
+
+def multilabel(p, loss_out, grads, grad_output, scale):
+    z, y, w = p.arrays
+    rows, classes = z.shape
+    if rows == 0:
+        return 0.0
+    dtype = p.dtype
+    lanes, blocks = rt.rows_config(rows, classes)
+    scratch = rt.partials(blocks)
+    _multilabel[blocks, THREADS, rt.stream()](
+        rt.flat(z, dtype),
+        rt.flat(y, dtype),
+        rt.flat(w, dtype),
+        rows,
+        classes,
+        rt.flat(loss_out, dtype),
+        rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+        rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+        float(scale),
+        lanes,
+        scratch,
+    )
+    if p.reduction in ("mean", "sum"):
+        return rt.finish(scratch)[0]
+    return 0.0

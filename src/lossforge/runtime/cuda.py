@@ -1,0 +1,585 @@
+"""What every CUDA kernel shares: device arrays, launch configuration, deterministic
+reductions, device-side error flags, streams, and results in the caller's array type.
+
+Imported on the first CUDA call (``lossforge.dispatch.cuda_runtime``), never by ``import
+lossforge``. Without a GPU, everything here runs under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, read when Numba is imported), which is how the test suite checks
+the kernels; the kernels keep to what the real CUDA target compiles.
+
+Arrays. ``as_device_array`` takes any object exposing ``__cuda_array_interface__`` (Numba
+device arrays, CuPy arrays, PyTorch CUDA tensors, which are ``.detach()``-ed first) as a
+zero-copy Numba device array, and copies host arrays to the device (``backend="cuda"``
+forced on NumPy input). Kernels receive C-contiguous, native arrays of the compute dtype:
+``as_contiguous`` copies on the device, with one gather kernel for any strides (transposed,
+sliced, broadcast views) and any dtype conversion, and only when needed.
+
+What comes back (``to_caller``). Arrays (per-element losses, gradients) are returned as the
+caller's array type when the caller's arrays are CuPy arrays or PyTorch tensors, wrapped
+zero-copy through their ``__cuda_array_interface__`` consumers (``cupy.asarray``,
+``torch.as_tensor(..., device=...)``), and as Numba device arrays otherwise (Numba input, or
+host input with ``backend="cuda"``). ``out=`` arrays are returned as the objects given. A
+reduced value (``"mean"``/``"sum"``) is a host NumPy scalar, as on the CPU: the kernel calling
+convention (``lossforge.hookspecs.KernelSpec``) returns the float total, so a reduced call
+synchronizes once to read it back.
+
+Determinism. A reduction never uses floating-point atomics: each block writes one float64
+partial sum (a fixed tree over its threads' float64 accumulators, each thread summing a
+fixed grid-stride sequence of elements) into a device array, and the host adds the
+partials in block order. The grid depends only on the problem's shape (``THREADS`` and
+``MAX_BLOCKS`` are constants, not tuned to the device), so results are bitwise identical
+from run to run and on any GPU. (The simulator uses smaller constants, so its last bits
+differ from a GPU's.)
+
+Error flags. Data-dependent checks (class indices in range, ``binary_cross_entropy`` input
+in [0, 1]) are made in the kernels: each block writes the smallest flat index of a bad
+element it saw (or +inf) beside its partial sum, and the host reads both with one copy and
+raises, naming the bad value (the first in memory order, as on the CPU). Kernels never read
+or write out of bounds on bad input.
+
+Streams. Kernels are launched on the stream of the call's arrays: PyTorch's current stream
+(on the tensor's device) for torch tensors, CuPy's current stream for CuPy arrays, the bound
+stream of a Numba device array, else the default stream. ``lossforge.dispatch.backend_of``
+sets it per call (``begin_call``), per thread.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda, float64
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+#: Threads per block (a power of two). Part of the numerical result (the shape of the
+#: reduction trees): a constant, not a tuning knob. The simulator runs every thread as a
+#: Python thread, so it gets a small block (and a small grid), which also makes tiny test
+#: inputs exercise the grid-stride loops and the multi-element lanes.
+THREADS = 16 if SIMULATOR else 256
+
+#: Most blocks of a launch: grid-stride loops cover the rest. 1024 blocks of 256 threads
+#: fill an H100 (132 SMs x 2048 threads) while keeping the partial sums few.
+MAX_BLOCKS = 3 if SIMULATOR else 1024
+
+#: Most dimensions of a non-contiguous array the gather kernel copies (after merging
+#: dimensions that are contiguous with each other).
+MAX_DIMS = 8
+
+#: No element flagged (the error-flag row of a partials array).
+NO_FLAG = math.inf
+
+
+def kernel(fn: Any) -> Any:
+    """A ``@cuda.jit`` kernel with the project's options (cached on disk)."""
+    return cuda.jit(cache=True)(fn)
+
+
+def device(fn: Any) -> Any:
+    """A ``@cuda.jit(device=True)`` function. Numba caches a kernel keyed on its own source
+    file: after editing a device function here, clear the ``__pycache__`` of the kernels."""
+    return cuda.jit(device=True)(fn)
+
+
+# -- launch configuration ---------------------------------------------------------------
+
+
+def blocks_for(n: int) -> int:
+    """Blocks of an element-wise grid-stride launch over ``n`` elements (a function of ``n``
+    alone, so the reduction order is too)."""
+    return max(1, min(MAX_BLOCKS, -(-n // THREADS)))
+
+
+def rows_config(rows: int, columns: int) -> tuple[int, int]:
+    """``(lanes, blocks)`` of a launch over rows: each row is handled by a group of ``lanes``
+    threads (a power of two <= ``THREADS``, about the row's length: one thread per row for
+    short rows, the whole block for long ones), ``THREADS // lanes`` rows per block per
+    round, grid-stride over rounds."""
+    lanes = 1
+    while lanes < columns and lanes < THREADS:
+        lanes *= 2
+    per_block = THREADS // lanes
+    return lanes, max(1, min(MAX_BLOCKS, -(-rows // per_block)))
+
+
+# -- streams ------------------------------------------------------------------------------
+
+_local = threading.local()
+_external: dict[int, Any] = {}
+
+
+def stream() -> Any:
+    """The stream of the current call (0: Numba's default stream)."""
+    return getattr(_local, "stream", 0)
+
+
+def begin_call(arrays: Any) -> None:
+    """Chooses the launch stream for a call from its arrays (see the module docstring)."""
+    _local.stream = _stream_of(arrays)
+
+
+def _stream_of(arrays: Any) -> Any:
+    for a in arrays:
+        if a is None:
+            continue
+        if _is_torch_cuda(a):
+            torch = sys.modules["torch"]
+            return _external_stream(torch.cuda.current_stream(a.device).cuda_stream)
+        if type(a).__module__.startswith("cupy"):
+            return _external_stream(sys.modules["cupy"].cuda.get_current_stream().ptr)
+        bound = getattr(a, "stream", 0) if getattr(a, "__cuda_ndarray__", False) else 0
+        if bound:
+            return bound
+    return 0
+
+
+def _external_stream(handle: int) -> Any:
+    if not handle or SIMULATOR:
+        return 0
+    found = _external.get(handle)
+    if found is None:
+        found = _external[handle] = cuda.external_stream(handle)
+    return found
+
+
+def synchronize() -> None:
+    s = stream()
+    if s:
+        s.synchronize()
+    else:
+        cuda.synchronize()
+
+
+# -- arrays -------------------------------------------------------------------------------
+
+
+def is_device_array(x: Any) -> bool:
+    try:
+        return bool(getattr(x, "__cuda_ndarray__", False)) or hasattr(x, "__cuda_array_interface__")
+    except RuntimeError:  # a PyTorch CUDA tensor that requires grad
+        return True
+
+
+def _is_torch_cuda(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and bool(getattr(x, "is_cuda", False))
+
+
+def _is_numba(x: Any) -> bool:
+    return bool(getattr(x, "__cuda_ndarray__", False))
+
+
+def as_device_array(x: Any) -> Any:
+    """``x`` as a Numba device array: zero-copy for objects exposing
+    ``__cuda_array_interface__`` (PyTorch tensors are detached first), a copy to the device
+    for host arrays. A host array of a dtype the device cannot hold (object, strings) is
+    returned as is, for validation to reject by its dtype."""
+    if _is_numba(x):
+        return x
+    if _is_torch_cuda(x):  # its interface refuses tensors that require grad
+        return _from_interface(x.detach())
+    if hasattr(x, "__cuda_array_interface__"):
+        return _from_interface(x)
+    host = np.asarray(x)
+    if host.dtype.kind not in "biufc":
+        return host
+    if not host.dtype.isnative:
+        host = host.astype(host.dtype.newbyteorder("="))
+    if not host.flags.c_contiguous:
+        host = host.copy()
+    return cuda.to_device(host, stream=stream())
+
+
+class _HostInterface:
+    """A ``__cuda_array_interface__`` seen as NumPy's ``__array_interface__``: under the
+    simulator, "device" pointers are host pointers."""
+
+    def __init__(self, owner: Any, desc: dict):
+        self.owner = owner  # kept alive by the NumPy array's base
+        self.__array_interface__ = {
+            "shape": tuple(desc["shape"]),
+            "typestr": desc["typestr"],
+            "data": (desc["data"][0], False),
+            "strides": desc.get("strides"),
+            "version": 3,
+        }
+
+
+def _from_interface(x: Any) -> Any:
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(np.asarray(_HostInterface(x, x.__cuda_array_interface__)))
+    # CuPy exports its current stream, the one kernels are launched on: no need to wait.
+    sync = not type(x).__module__.startswith("cupy")
+    return cuda.as_cuda_array(x, sync=sync)
+
+
+def _view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    """A view of ``array``'s memory with the given shape and byte strides."""
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(np.lib.stride_tricks.as_strided(array._ary, shape, strides))
+    desc = {
+        "shape": tuple(shape),
+        "strides": tuple(strides),
+        "typestr": array.dtype.str,
+        "data": (array.__cuda_array_interface__["data"][0], False),
+        "version": 3,
+    }
+    return cuda.from_cuda_array_interface(desc, owner=array, sync=False)
+
+
+def is_c_contiguous(array: Any) -> bool:
+    return bool(array.is_c_contiguous())
+
+
+def empty(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    return cuda.device_array(tuple(shape), np.dtype(dtype))
+
+
+_NOTHING: dict[np.dtype, Any] = {}
+
+
+def nothing(dtype: np.dtype) -> Any:
+    """A length-0 device array standing for "not wanted" (kernels test ``a.size > 0``, which
+    keeps compiled signatures few)."""
+    dtype = np.dtype(dtype)
+    found = _NOTHING.get(dtype)
+    if found is None:
+        found = _NOTHING[dtype] = cuda.device_array((0,), dtype)
+    return found
+
+
+def flat(array: Any, dtype: np.dtype) -> Any:
+    """``array`` as a 1-D device array, or ``nothing(dtype)`` for ``None``."""
+    if array is None:
+        return nothing(dtype)
+    return array.ravel() if array.ndim != 1 else array
+
+
+def as_contiguous(array: Any, dtype: np.dtype) -> Any:
+    """``array`` as a C-contiguous device array of ``dtype``: itself when it is one, else a
+    copy made on the device (any strides, any dtype conversion)."""
+    dtype = np.dtype(dtype)
+    array = as_device_array(array)
+    if array.dtype == dtype and is_c_contiguous(array):
+        return array
+    return copy_into(empty(array.shape, dtype), array)
+
+
+def astype(array: Any, dtype: np.dtype) -> Any:
+    """A C-contiguous copy of ``array`` converted to ``dtype``."""
+    array = as_device_array(array)
+    if array.dtype == np.dtype(dtype) and is_c_contiguous(array):
+        return copy_into(empty(array.shape, dtype), array)
+    return as_contiguous(array, dtype)
+
+
+def moveaxis(array: Any, source: int, destination: int) -> Any:
+    """``np.moveaxis`` for device arrays: a strided view."""
+    ndim = array.ndim
+    source %= ndim
+    destination %= ndim
+    order = [d for d in range(ndim) if d != source]
+    order.insert(destination, source)
+    shape, strides = tuple(array.shape), tuple(array.strides)
+    return _view(array, tuple(shape[d] for d in order), tuple(strides[d] for d in order))
+
+
+def broadcast_to(array: Any, shape: tuple[int, ...]) -> Any:
+    """``np.broadcast_to`` for device arrays: a view with zero strides; ``ValueError`` when
+    the shapes do not broadcast."""
+    shape = tuple(int(s) for s in shape)
+    have, steps = tuple(array.shape), tuple(array.strides)
+    pad = len(shape) - len(have)
+    if pad < 0:
+        raise ValueError(f"cannot broadcast shape {have} to {shape}")
+    strides = []
+    for d, size in enumerate(shape):
+        if d < pad:
+            strides.append(0)
+        elif have[d - pad] == size:
+            strides.append(steps[d - pad])
+        elif have[d - pad] == 1:
+            strides.append(0)
+        else:
+            raise ValueError(f"cannot broadcast shape {have} to {shape}")
+    if have == shape:
+        return array
+    return _view(array, shape, tuple(strides))
+
+
+def _merged(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Shape and strides with size-1 dimensions dropped and dimensions that are contiguous
+    with each other merged: the fewest dimensions that index the same elements."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    out_shape: list[int] = []
+    out_strides: list[int] = []
+    for n, s in dims:
+        if out_shape and out_strides[-1] == s * n:
+            out_shape[-1] *= n
+            out_strides[-1] = s
+        else:
+            out_shape.append(n)
+            out_strides.append(s)
+    return out_shape, out_strides
+
+
+def copy_into(dst: Any, src: Any) -> Any:
+    """Copies ``src`` (any strides, any dtype, the shape of ``dst``) into the C-contiguous
+    device array ``dst``, converting the dtype; returns ``dst``."""
+    n = dst.size
+    if n == 0:
+        return dst
+    shape, strides = _merged(tuple(src.shape), tuple(src.strides))
+    if len(shape) > MAX_DIMS:
+        raise ValueError(
+            f"arrays with more than {MAX_DIMS} non-contiguous dimensions are not supported "
+            "on CUDA; make the array contiguous first"
+        )
+    pad = MAX_DIMS - len(shape)
+    src8 = _view(src, (1,) * pad + tuple(shape), (0,) * pad + tuple(strides))
+    _gather[blocks_for(n), THREADS, stream()](src8, dst.ravel())
+    return dst
+
+
+@kernel
+def _gather(src, dst):
+    """dst[i] = src[unravel(i)] for an 8-D strided ``src`` (one compiled signature per dtype
+    pair, whatever the layout)."""
+    s1 = src.shape[1]
+    s2 = src.shape[2]
+    s3 = src.shape[3]
+    s4 = src.shape[4]
+    s5 = src.shape[5]
+    s6 = src.shape[6]
+    s7 = src.shape[7]
+    for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        r = i
+        i7 = r % s7
+        r //= s7
+        i6 = r % s6
+        r //= s6
+        i5 = r % s5
+        r //= s5
+        i4 = r % s4
+        r //= s4
+        i3 = r % s3
+        r //= s3
+        i2 = r % s2
+        r //= s2
+        i1 = r % s1
+        r //= s1
+        dst[i] = src[r, i1, i2, i3, i4, i5, i6, i7]
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A device array (or any ``__cuda_array_interface__`` object) copied to the host."""
+    array = as_device_array(array)
+    s = stream()
+    host = array.copy_to_host(stream=s)
+    if s:
+        s.synchronize()
+    return host
+
+
+def element(array: Any, index: int) -> Any:
+    """One element of a device array, read back to the host (error messages)."""
+    flat_array = array.ravel() if array.ndim != 1 else array
+    return to_host(flat_array[index : index + 1])[0]
+
+
+# -- deterministic reductions -------------------------------------------------------------
+
+
+def partials(blocks: int) -> Any:
+    """The per-block results of a reducing launch: row 0 the float64 partial sums, row 1 the
+    smallest flagged element index (``NO_FLAG`` when none)."""
+    return cuda.device_array((2, blocks), np.float64)
+
+
+def finish(scratch: Any) -> tuple[float, int]:
+    """``(total, first flagged index or -1)`` of a reducing launch: the partials copied back
+    (one copy, one synchronization) and added in block order."""
+    host = to_host(scratch)
+    total = float(np.cumsum(host[0])[-1])  # a running sum: block order, on any machine
+    bad = host[1].min()
+    return total, (int(bad) if bad != NO_FLAG else -1)
+
+
+@device
+def log(v):
+    """``math.log`` with IEEE results at 0 (-inf) and below (nan) on every target: the
+    simulator's ``math.log`` raises there, as Python's does."""
+    if v > 0.0:
+        return math.log(v)
+    if v == 0.0:
+        return -math.inf
+    return math.nan
+
+
+@device
+def group_sum(sh, tid, lane, lanes, value):
+    """The sum of ``value`` over the ``lanes`` threads of this thread's group (threads
+    ``tid - lane`` to ``tid - lane + lanes - 1``), by a fixed tree, returned to every lane.
+    Every thread of the block must call it: it synchronizes the block."""
+    sh[tid] = value
+    cuda.syncthreads()
+    h = lanes // 2
+    while h > 0:
+        if lane < h:
+            sh[tid] = sh[tid] + sh[tid + h]
+        cuda.syncthreads()
+        h //= 2
+    result = sh[tid - lane]
+    cuda.syncthreads()
+    return result
+
+
+@device
+def group_sum2(sa, sb, tid, lane, lanes, a, b):
+    """Two ``group_sum`` trees at once (one set of barriers)."""
+    sa[tid] = a
+    sb[tid] = b
+    cuda.syncthreads()
+    h = lanes // 2
+    while h > 0:
+        if lane < h:
+            sa[tid] = sa[tid] + sa[tid + h]
+            sb[tid] = sb[tid] + sb[tid + h]
+        cuda.syncthreads()
+        h //= 2
+    ra = sa[tid - lane]
+    rb = sb[tid - lane]
+    cuda.syncthreads()
+    return ra, rb
+
+
+@device
+def group_sum3(sa, sb, sc, tid, lane, lanes, a, b, c):
+    """Three ``group_sum`` trees at once (one set of barriers)."""
+    sa[tid] = a
+    sb[tid] = b
+    sc[tid] = c
+    cuda.syncthreads()
+    h = lanes // 2
+    while h > 0:
+        if lane < h:
+            sa[tid] = sa[tid] + sa[tid + h]
+            sb[tid] = sb[tid] + sb[tid + h]
+            sc[tid] = sc[tid] + sc[tid + h]
+        cuda.syncthreads()
+        h //= 2
+    ra = sa[tid - lane]
+    rb = sb[tid - lane]
+    rc = sc[tid - lane]
+    cuda.syncthreads()
+    return ra, rb, rc
+
+
+@device
+def group_max(sh, tid, lane, lanes, value):
+    """The maximum of ``value`` over the group (``a if a >= b else b``, as the CPU trees)."""
+    sh[tid] = value
+    cuda.syncthreads()
+    h = lanes // 2
+    while h > 0:
+        if lane < h:
+            a = sh[tid]
+            b = sh[tid + h]
+            sh[tid] = a if a >= b else b
+        cuda.syncthreads()
+        h //= 2
+    result = sh[tid - lane]
+    cuda.syncthreads()
+    return result
+
+
+@device
+def write_partials(sa, sb, scratch, acc, bad):
+    """Block-level end of a reducing kernel: the block's float64 sum of ``acc`` and minimum
+    of ``bad`` (flagged index or ``NO_FLAG``) go to ``scratch[:, blockIdx.x]``."""
+    tid = cuda.threadIdx.x
+    sa[tid] = acc
+    sb[tid] = bad
+    cuda.syncthreads()
+    h = THREADS // 2
+    while h > 0:
+        if tid < h:
+            sa[tid] = sa[tid] + sa[tid + h]
+            b = sb[tid + h]
+            if b < sb[tid]:
+                sb[tid] = b
+        cuda.syncthreads()
+        h //= 2
+    if tid == 0:
+        scratch[0, cuda.blockIdx.x] = sa[0]
+        scratch[1, cuda.blockIdx.x] = sb[0]
+
+
+@kernel
+def _sum(a, scratch):
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    acc = 0.0
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        acc += float64(a[i])
+    write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def total(array: Any) -> float:
+    """The float64 sum of a device array, deterministic (per-block partials added in block
+    order): summed weights for ``"mean"``."""
+    a = flat(as_contiguous(array, array.dtype), array.dtype)
+    n = a.size
+    if n == 0:
+        return 0.0
+    blocks = blocks_for(n)
+    scratch = partials(blocks)
+    _sum[blocks, THREADS, stream()](a, scratch)
+    return finish(scratch)[0]
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+def as_out(out: Any) -> Any:
+    """A caller's ``out=`` array as a Numba device array the kernels can write into; the
+    caller's object is returned by ``to_caller`` in its place."""
+    view = out.bind(out.stream) if _is_numba(out) else as_device_array(out)  # a new object
+    view._lossforge_out = out
+    return view
+
+
+def _converter(arrays: Any) -> Any:
+    for a in arrays:
+        if _is_torch_cuda(a):
+            torch = sys.modules["torch"]
+            where = a.device
+            return lambda d: torch.as_tensor(d, device=where)
+        if type(a).__module__.startswith("cupy"):
+            cupy = sys.modules["cupy"]
+            return cupy.asarray
+    return None
+
+
+def to_caller(value: Any, grads: Any, arrays: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Results in the caller's array type (see the module docstring): ``value`` (a host
+    scalar, a device array or ``None``) and each gradient."""
+    convert = _converter(arrays)
+    if convert is not None and value is not None and _is_numba(value):
+        value = convert(value)
+    out = []
+    for g in grads:
+        given = g.__dict__.get("_lossforge_out") if hasattr(g, "__dict__") else None
+        if given is not None:
+            out.append(given)
+        elif convert is not None:
+            out.append(convert(g))
+        else:
+            out.append(g)
+    return value, tuple(out)
