@@ -70,13 +70,13 @@ def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
     """The same values as ``x`` in awkward memory layouts: strided, transposed (Fortran
     order), read-only and big-endian."""
     x = np.asarray(x)
-    strided = np.empty((2, *x.shape), x.dtype)
-    strided[0] = x
+    strided = np.empty((*x.shape, 2), x.dtype)[..., 0]  # every other element of a buffer
+    strided[...] = x
     fortran = np.asfortranarray(x)
     readonly = x.copy()
     readonly.flags.writeable = False
     big = x.astype(x.dtype.newbyteorder(">"))
-    return {"strided": strided[0], "fortran": fortran, "readonly": readonly, "bigendian": big}
+    return {"strided": strided, "fortran": fortran, "readonly": readonly, "bigendian": big}
 
 
 def snapshot(*arrays: Any) -> list[np.ndarray]:
