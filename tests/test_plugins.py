@@ -172,16 +172,9 @@ def test_example_plugin_own_tests_pass(focal_installed):
     assert re.search(r"\d+ passed", result.stdout)
 
 
-def test_missing_cuda_kernel_is_named(focal_installed):
-    code = """
-import numpy as np, lossforge as lf
-try:
-    lf.sigmoid_focal_loss(np.ones(2), np.ones(2), backend="cuda")
-except NotImplementedError as exc:
-    print(exc)
-"""
-    out = run(["-c", code]).stdout
-    assert "loss 'sigmoid_focal_loss' has no cuda kernel" in out
+def test_example_plugin_has_both_backends(focal_installed):
+    listing = run(["-m", "lossforge", "list"]).stdout
+    assert re.search(r"sigmoid_focal_loss\s+detection\s+focal\s+cpu, cuda", listing)
 
 
 # -- the guide -------------------------------------------------------------------------------
@@ -222,9 +215,15 @@ x, y = np.array([0.5, -2.0, 3.0]), np.array([0.0, 1.0, 1.0])
 value, grad = lf.log_cosh_loss.value_and_grad(x, y, reduction="sum")
 assert np.isclose(value, np.log(np.cosh(x - y)).sum()) and np.allclose(grad, np.tanh(x - y))
 print(check_loss("log_cosh_loss"))
+try:
+    lf.log_cosh_loss(x, y, backend="cuda")
+except NotImplementedError as exc:
+    print(exc)
 """
     out = run(["-c", code], path).stdout
     assert "gradient" in out and "reference" in out
+    # a CPU-only plugin: CUDA input gets an error naming the loss and the backend
+    assert "loss 'log_cosh_loss' has no cuda kernel (its plugin 'logcosh' supplies: cpu)" in out
 
 
 # -- overriding and call-time failures, on a registry built in this process ---------------
@@ -271,7 +270,8 @@ def test_override_replaces_a_builtin_kernel():
     registry = registry_with(Override())
     loss = registry.get("mse_loss")
     assert loss(np.ones(3), np.zeros(3), reduction="sum") == 42.0
-    assert loss.plugin == "regression" and loss.suppliers == {"cpu": "override"}
+    assert loss.plugin == "regression" and loss.suppliers["cpu"] == "override"
+    assert loss.suppliers["cuda"] == "regression"  # only the overridden backend changes
     assert lf.mse_loss(np.ones(3), np.zeros(3), reduction="sum") == 3.0  # the global one
 
 

@@ -51,9 +51,17 @@ def test_matches_torchvision(reduction, alpha, gamma, dtype):
 def test_defaults_are_torchvisions():
     loss = lf.get("sigmoid_focal_loss")
     assert dict(loss.options) == {"alpha": 0.25, "gamma": 2.0, "reduction": "none"}
-    assert loss.plugin == "focal" and loss.backends == ("cpu",)
+    assert loss.plugin == "focal" and loss.backends == ("cpu", "cuda")
 
 
 def test_conformance():
     ran = check_loss("sigmoid_focal_loss")
     assert "reference" in ran and "gradient" in ran and "threads" in ran
+
+
+def test_cuda_matches_cpu_under_the_simulator():
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("runs under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    assert "cuda" in check_loss("sigmoid_focal_loss", checks=["cuda"])

@@ -73,3 +73,4 @@ def lossforge_losses():
 @lossforge.hookimpl
 def lossforge_kernels():
     yield KernelSpec("sigmoid_focal_loss", "cpu", "lossforge_focal.cpu:focal")
+    yield KernelSpec("sigmoid_focal_loss", "cuda", "lossforge_focal.cuda:focal")
