@@ -664,6 +664,8 @@ def test_kernels_compile_for_the_cuda_target():
         [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr[-5000:]
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
     assert " 0 failed" in done.stdout
 
 
