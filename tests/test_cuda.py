@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
 from numba import cuda
+from numba.np import numpy_support
 
 import lossforge as lf
 from lossforge import KernelSpec, LossSpec, Prepared, dispatch, hookimpl, validate
@@ -42,6 +44,54 @@ def _fast_simulator():
     sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _faithful_simulator():
+    # Numba's device arrays reshape and ravel only contiguous arrays (they never copy); the
+    # simulator's arrays are NumPy arrays that copy silently. Make them refuse as the real
+    # ones do, so that a missing as_contiguous shows here. And fix a race in the simulator's
+    # shared arrays (see _shared_array).
+    if not SIMULATOR:
+        yield
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    def refusing(method):
+        def strict(self, *args, **kwargs):
+            if not self._ary.flags.c_contiguous:
+                raise NotImplementedError("operation requires copying")
+            return method(self, *args, **kwargs)
+
+        return strict
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeCUDAArray, "reshape", refusing(FakeCUDAArray.reshape))
+        patch.setattr(FakeCUDAArray, "ravel", refusing(FakeCUDAArray.ravel))
+        patch.setattr(FakeCUDAShared, "array", _shared_array)
+        yield
+
+
+_shared_lock = threading.Lock()
+
+
+def _shared_array(self, shape, dtype, alignment=None):
+    """The simulator's ``cuda.shared.array`` (numba-cuda 0.30), with its race fixed: it finds
+    a block's array by the calling line without a lock, so two threads of a block can each
+    make their own "shared" array and a reduction through it goes wrong, now and then (seen
+    under load). Also faster: the caller from its frame, not ``traceback.extract_stack``."""
+    if shape == 0 or alignment is not None:
+        raise NotImplementedError("dynamic or aligned shared arrays: not used by lossforge")
+    if isinstance(dtype, numba.types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    frame = sys._getframe(1)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _shared_lock:
+        found = self._allocations.get(caller)
+        if found is None:
+            found = self._allocations[caller] = np.empty(shape, dtype)
+    return found
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -392,6 +442,12 @@ def test_strided_device_views_and_broadcast_weights():
     expected = lf.huber_loss.value_and_grad(host(x).T, host(y).T, reduction="none")
     assert_close(value, expected[0])
     assert_close(grad, expected[1])
+    z, p = dev(rng.normal(size=12))[::2], dev(rng.random(12))[1::2]  # 1-D, strided
+    for target in (dev(np.array(3)), p):
+        value, grad = lf.cross_entropy.value_and_grad(z, target, label_smoothing=0.1)
+        expected = lf.cross_entropy.value_and_grad(host(z), host(target), label_smoothing=0.1)
+        assert_close(value, expected[0])
+        assert_close(grad, expected[1])
     w = rt.broadcast_to(dev(rng.random(5)), (4, 5))
     value = lf.binary_cross_entropy_with_logits(xt, dev(rng.random((4, 5))), weight=w)
     assert np.isfinite(value)
@@ -608,6 +664,8 @@ def test_kernels_compile_for_the_cuda_target():
         [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr[-5000:]
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
     assert " 0 failed" in done.stdout
 
 

@@ -65,9 +65,12 @@ def _prepare(name, arrays, options, backend):
         weight = validate.as_float("weight", weight, dtype, backend)
 
     moved = None  # the shape of the moved rows when the input is K-dimensional
-    if x.ndim == 1:
-        z = x.reshape(1, classes)
-        t = t.reshape(1, classes) if probabilities else t.reshape(1)
+    if x.ndim == 1:  # contiguous first: a device array's reshape does not copy
+        z = validate.as_float("input", x, dtype, backend).reshape(1, classes)
+        if probabilities:
+            t = validate.as_float("target", t, dtype, backend).reshape(1, classes)
+        else:
+            t = t.reshape(1)
     elif x.ndim == 2:
         z = x
     else:  # one copy: the class dimension moved last, made contiguous, seen as rows

@@ -145,14 +145,6 @@ def _external_stream(handle: int) -> Any:
     return found
 
 
-def synchronize() -> None:
-    s = stream()
-    if s:
-        s.synchronize()
-    else:
-        cuda.synchronize()
-
-
 # -- arrays -------------------------------------------------------------------------------
 
 
