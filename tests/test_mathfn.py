@@ -1,5 +1,6 @@
 """The vectorizable exp/log/log1p of runtime.mathfn: ulp error against long-double NumPy
-over the whole float64 range, and IEEE behaviour at the edges."""
+(float64 functions) and float64 NumPy (float32 ones), and IEEE behaviour at the edges.
+Compiled with the kernels' own options, FMA contraction included."""
 
 from __future__ import annotations
 
@@ -8,61 +9,79 @@ import numpy as np
 import pytest
 
 from lossforge.runtime import mathfn
+from lossforge.runtime.cpu import JIT_OPTIONS
+
+_OPTIONS = {**JIT_OPTIONS, "cache": False}
 
 
-@numba.njit(error_model="numpy")
-def _exp(x, out):
-    for i in range(x.size):
-        out[i] = mathfn.exp(x[i])
+def _elementwise(fn):
+    @numba.njit(**_OPTIONS)
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = fn(x[i])
+
+    return apply
 
 
-@numba.njit(error_model="numpy")
-def _log(x, out):
-    for i in range(x.size):
-        out[i] = mathfn.log(x[i])
-
-
-@numba.njit(error_model="numpy")
-def _log1p(x, out):
-    for i in range(x.size):
-        out[i] = mathfn.log1p(x[i])
-
-
-FUNCTIONS = {"exp": (_exp, np.exp), "log": (_log, np.log), "log1p": (_log1p, np.log1p)}
+# name: (the function, its NumPy reference, the dtype it computes in)
+FUNCTIONS = {
+    "exp": (mathfn.exp, np.exp, np.float64),
+    "log": (mathfn.log, np.log, np.float64),
+    "log1p": (mathfn.log1p, np.log1p, np.float64),
+    "log1p_unit": (mathfn.log1p_unit, np.log1p, np.float64),
+    "exp_f32": (mathfn.exp_f32, np.exp, np.float32),
+    "log_f32": (mathfn.log_f32, np.log, np.float32),
+    "log1p_unit_f32": (mathfn.log1p_unit_f32, np.log1p, np.float32),
+}
+_COMPILED = {name: _elementwise(fn) for name, (fn, _, _) in FUNCTIONS.items()}
 
 
 def apply(name, x):
+    x = np.asarray(x, FUNCTIONS[name][2])
     out = np.empty_like(x)
-    FUNCTIONS[name][0](x, out)
+    _COMPILED[name](x, out)
     return out
 
 
 def ulp_error(name, x):
+    reference, dtype = FUNCTIONS[name][1:]
+    x = x.astype(dtype)
     got = apply(name, x)
+    wide = np.longdouble if dtype == np.float64 else np.float64
     with np.errstate(all="ignore"):
-        exact = FUNCTIONS[name][1](x.astype(np.longdouble))
-        rounded = exact.astype(np.float64)
+        exact = reference(x.astype(wide))
+        rounded = exact.astype(dtype)
     finite = np.isfinite(rounded) & (rounded != 0)
-    rounded = rounded[finite]
-    return np.abs(got[finite].astype(np.longdouble) - exact[finite]) / np.spacing(np.abs(rounded))
+    spacing = np.spacing(np.abs(rounded[finite])).astype(wide)
+    return np.abs(got[finite].astype(wide) - exact[finite]) / spacing
 
 
 def samples(name, rng):
-    if name == "exp":
+    base = name.removesuffix("_f32")
+    if base == "exp":
+        limits = (-745, 710) if name == "exp" else (-103, 88)
         return np.concatenate(
             [
-                rng.uniform(-745, 710, 200_000),
+                rng.uniform(*limits, 200_000),
                 rng.uniform(-1, 1, 100_000),
                 rng.uniform(-40, 40, 100_000),
             ]
         )
-    if name == "log":
+    if base == "log":
+        if name == "log_f32":
+            return np.concatenate(
+                [np.exp(rng.uniform(-87, 88, 200_000)), rng.uniform(0.5, 2, 100_000)]
+            )
         return np.concatenate(
             [
                 np.exp(rng.uniform(-700, 709, 200_000)),
                 rng.uniform(0.5, 2.0, 100_000),
                 10.0 ** rng.uniform(-323, -308, 10_000),  # subnormals
             ]
+        )
+    if base == "log1p_unit":
+        return np.concatenate(
+            [rng.uniform(0, 1, 200_000), 10.0 ** rng.uniform(-30, 0, 100_000), [0.0, 1.0]]
         )
     return np.concatenate(
         [
@@ -73,25 +92,28 @@ def samples(name, rng):
     )
 
 
-@pytest.mark.skipif(np.finfo(np.longdouble).nmant <= 52, reason="needs an extended long double")
-@pytest.mark.parametrize("name", ["exp", "log", "log1p"])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_within_two_ulp(name, rng):
+    if FUNCTIONS[name][2] == np.float64 and np.finfo(np.longdouble).nmant <= 52:
+        pytest.skip("needs an extended long double")
     assert ulp_error(name, samples(name, rng)).max() <= 2.0
 
 
 @pytest.mark.parametrize(
-    ("name", "x", "expected"),
+    ("name", "x"),
     [
-        ("exp", [np.inf, -np.inf, np.nan, 0.0, 710.0, -746.0, -745.13, 709.78], None),
-        (
-            "log",
-            [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 5e-324, 1.7976931348623157e308],
-            None,
-        ),
-        ("log1p", [-1.0, -2.0, np.inf, np.nan, 0.0, 1e-320, 1e-17], None),
+        ("exp", [np.inf, -np.inf, np.nan, 0.0, 710.0, -746.0, -745.13, 709.78]),
+        ("log", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 5e-324, 1.7976931348623157e308]),
+        ("log1p", [-1.0, -2.0, np.inf, np.nan, 0.0, 1e-320, 1e-17]),
+        ("log1p_unit", [np.nan, 0.0, 1.0, 1e-320]),
+        ("exp_f32", [np.inf, -np.inf, np.nan, 0.0, 89.0, -104.0, 88.7]),
+        ("log_f32", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 1e-45, 3.4e38]),
+        ("log1p_unit_f32", [np.nan, 0.0, 1.0, 1e-45]),
     ],
 )
-def test_special_values(name, x, expected):
-    x = np.array(x)
+def test_special_values(name, x):
+    reference, dtype = FUNCTIONS[name][1:]
+    x = np.array(x, dtype)
     with np.errstate(all="ignore"):
-        np.testing.assert_array_equal(apply(name, x), FUNCTIONS[name][1](x))
+        expected = reference(x.astype(np.float64)).astype(dtype)
+    np.testing.assert_array_equal(apply(name, x), expected)

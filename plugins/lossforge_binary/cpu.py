@@ -50,9 +50,8 @@ def _logits(x, y, pw):
     one = mathfn.like(x, 1.0)
     zero = mathfn.like(x, 0.0)
     e = mathfn.exp_native(-abs(x))  # in (0, 1]
-    w = one + e
-    r = one / w  # one division serves log1p's correction and both sigmoids
-    s = mathfn.log_native(w) - ((w - one) - e) * r  # log1p(e), as in runtime.mathfn.log1p
+    s = mathfn.log1p_unit_native(e)
+    r = one / (one + e)  # one division serves both sigmoids
     positive = x if x > zero else zero
     negative = -x if x < zero else zero
     loss = pw * y * (s + negative) + (one - y) * (s + positive)
@@ -62,8 +61,8 @@ def _logits(x, y, pw):
 
 
 @inline
-def _finish(k, loss, g, ws, ls, gs, gos, scale, buf):
-    """Weights, per-element outputs and the block buffer for element ``k`` of a block."""
+def _finish(k, loss, g, ws, ls, gs, gos, scale, losses):
+    """Weights, per-element outputs and the block's losses for element ``k`` of a block."""
     if ws is not None:
         loss *= ws[k]
         g *= ws[k]
@@ -73,7 +72,7 @@ def _finish(k, loss, g, ws, ls, gs, gos, scale, buf):
         if gos is not None:
             g *= gos[k]
         gs[k] = g * scale
-    buf[k] = loss
+    losses[k] = loss
 
 
 @parallel_kernel
@@ -81,7 +80,12 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
+    one = mathfn.like(x, 1.0)
+    scale = mathfn.like(x, scale)
     for c in prange(chunks):
+        # a block's losses in the input's precision, widened for the sum after the block: a
+        # float64 store in the element loop would halve its vector width for float32
+        losses = np.empty(BLOCK, x.dtype)
         buf = np.empty(BLOCK)
         s = 0.0
         end = min(c * CHUNK + CHUNK, n)
@@ -96,17 +100,19 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             # one loop per loss, each with its element function inlined: they vectorize
             if kind == BCE:
                 for k in range(hi - lo):
-                    loss, g = _bce(xs[k], ys[k], ys[k])
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
+                    loss, g = _bce(xs[k], ys[k], one)
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
             elif pw is None:
                 for k in range(hi - lo):
-                    loss, g = _logits(xs[k], ys[k], mathfn.like(xs[k], 1.0))
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
+                    loss, g = _logits(xs[k], ys[k], one)
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
             else:
                 pws = pw[lo:hi]
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], pws[k])
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, buf)
+                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
+            for k in range(hi - lo):
+                buf[k] = losses[k]
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
