@@ -63,18 +63,19 @@ def _tree_max(buf):
 
 
 @jit
-def _softmax_row(zs, e, scratch):
-    """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``). Each pass
-    is a vectorizing loop; maxima and sums go through fixed trees over ``scratch``."""
+def _softmax_row(zs, e, narrow, scratch):
+    """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``) in float64.
+    ``e`` and ``narrow`` (the tree of the maximum) have the logits' dtype: a float32 row is
+    worked on in float32 vectors of 16 lanes, and only the sum is widened, into ``scratch``."""
     classes = zs.size
     for j in range(classes):
-        scratch[j] = zs[j]
-    scratch[classes:] = -np.inf
-    m = mathfn.like(zs[0], _tree_max(scratch))  # exact: the maximum is one of the row's
+        narrow[j] = zs[j]
+    narrow[classes:] = -np.inf
+    m = _tree_max(narrow)  # exact: the maximum is one of the row's
     for j in range(classes):
-        v = np.float64(mathfn.exp_native(zs[j] - m))  # float32 rows: 16-lane float32 exp
-        e[j] = v
-        scratch[j] = v
+        e[j] = mathfn.exp_native(zs[j] - m)
+    for j in range(classes):
+        scratch[j] = e[j]
     scratch[classes:] = 0.0
     total = tree_sum(scratch)
     return np.float64(m) + math.log(total), total
@@ -95,7 +96,8 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
             total_weight += np.float64(w[j])
     for c in prange(chunks):
         buf = np.empty(BLOCK)
-        e = np.empty(padded)
+        e = np.empty(padded, z.dtype)
+        narrow = np.empty(padded, z.dtype)
         scratch = np.empty(padded)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
@@ -109,7 +111,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
                         grad_out[i, :] = 0.0
                 else:
                     zs = z[i]
-                    lse, total = _softmax_row(zs, e, scratch)
+                    lse, total = _softmax_row(zs, e, narrow, scratch)
                     wt = 1.0 if w is None else np.float64(w[k])
                     hit = (1.0 - smoothing) * wt
                     loss = hit * (lse - np.float64(zs[k]))
@@ -121,14 +123,16 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
                         loss += off * (total_weight * lse - tree_sum(scratch))
                     if grad_out is not None:
                         g = scale if go is None else scale * np.float64(go[i])
-                        big_a = (hit + off * total_weight) * g / total
+                        # in the logits' dtype, like e: keeps float32 rows 16 lanes wide
+                        big_a = mathfn.like(z, (hit + off * total_weight) * g / total)
+                        shift = mathfn.like(z, off * g)
                         gs = grad_out[i]
                         if w is None:
                             for j in range(classes):
-                                gs[j] = big_a * e[j] - off * g
+                                gs[j] = big_a * e[j] - shift
                         else:
                             for j in range(classes):
-                                gs[j] = big_a * e[j] - off * np.float64(w[j]) * g
+                                gs[j] = big_a * e[j] - shift * w[j]
                         gs[k] -= hit * g
                 if loss_out is not None:
                     loss_out[i] = loss
@@ -233,7 +237,8 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     off = smoothing / classes if classes else 0.0
     for c in prange(chunks):
         buf = np.empty(BLOCK)
-        e = np.empty(padded)
+        e = np.empty(padded, z.dtype)
+        narrow = np.empty(padded, z.dtype)
         scratch = np.empty(padded)
         coefficients = np.empty(padded)
         s = 0.0
@@ -243,7 +248,7 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
             for i in range(lo, hi):
                 zs = z[i]
                 ys = y[i]
-                lse, total = _softmax_row(zs, e, scratch)
+                lse, total = _softmax_row(zs, e, narrow, scratch)
                 # a_c = w_c ((1 - smoothing) y_c + off); loss = A lse - sum_c a_c z_c
                 for j in range(classes):
                     a = (1.0 - smoothing) * np.float64(ys[j]) + off
