@@ -13,7 +13,15 @@ import numpy as np
 from numba import prange
 
 from lossforge.runtime import mathfn
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import (
+    BLOCK,
+    CHUNK,
+    finish_element,
+    inline,
+    jit,
+    parallel_kernel,
+    tree_sum,
+)
 
 BCE, BCE_LOGITS = 0, 1
 
@@ -60,21 +68,6 @@ def _logits(x, y, pw):
     return loss, (one - y) * sigmoid - pw * y * sigmoid_neg
 
 
-@inline
-def _finish(k, loss, g, ws, ls, gs, gos, scale, losses):
-    """Weights, per-element outputs and the block's losses for element ``k`` of a block."""
-    if ws is not None:
-        loss *= ws[k]
-        g *= ws[k]
-    if ls is not None:
-        ls[k] = loss
-    if gs is not None:
-        if gos is not None:
-            g *= gos[k]
-        gs[k] = g * scale
-    losses[k] = loss
-
-
 @parallel_kernel
 def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     n = x.size
@@ -101,16 +94,16 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             if kind == BCE:
                 for k in range(hi - lo):
                     loss, g = _bce(xs[k], ys[k], one)
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             elif pw is None:
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], one)
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             else:
                 pws = pw[lo:hi]
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], pws[k])
-                    _finish(k, loss, g, ws, ls, gs, gos, scale, losses)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             for k in range(hi - lo):
                 buf[k] = losses[k]
             buf[hi - lo :] = 0.0

@@ -1,5 +1,5 @@
 """CPU kernels of the regression family: one fused value-and-gradient pass, shared by the
-four losses (the loss is a loop-invariant switch).
+four losses (one loop per loss, chosen once per block).
 
 Optional arrays (weight, per-element losses, gradient, per-element grad_output) are passed as
 ``None`` when absent: Numba compiles a variant per None/array combination with the absent
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, finish_element, inline, parallel_kernel, tree_sum
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
@@ -52,26 +52,29 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
             hi = min(lo + BLOCK, end)
             xs = x[lo:hi]
             ys = y[lo:hi]
-            if w is not None:
-                ws = w[lo:hi]
-            if loss_out is not None:
-                ls = loss_out[lo:hi]
-            if grad_out is not None:
-                gs = grad_out[lo:hi]
-                if go is not None:
-                    gos = go[lo:hi]
-            for k in range(hi - lo):
-                loss, g = _element(kind, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
-                if w is not None:
-                    loss *= ws[k]
-                    g *= ws[k]
-                if loss_out is not None:
-                    ls[k] = loss
-                if grad_out is not None:
-                    if go is not None:
-                        g *= gos[k]
-                    gs[k] = g * scale
-                buf[k] = loss
+            ws = None if w is None else w[lo:hi]
+            ls = None if loss_out is None else loss_out[lo:hi]
+            gs = None if grad_out is None else grad_out[lo:hi]
+            gos = None if go is None else go[lo:hi]
+            # one loop per loss with a constant kind: a loop-invariant switch inside one loop
+            # is not always hoisted, and a loop with branches does not vectorize
+            if kind == MSE:
+                for k in range(hi - lo):
+                    loss, g = _element(MSE, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+            elif kind == L1:
+                for k in range(hi - lo):
+                    loss, g = _element(L1, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+            elif kind == SMOOTH_L1:
+                for k in range(hi - lo):
+                    d = np.float64(xs[k]) - np.float64(ys[k])
+                    loss, g = _element(SMOOTH_L1, d, param, inverse)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+            else:
+                for k in range(hi - lo):
+                    loss, g = _element(HUBER, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
+                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s

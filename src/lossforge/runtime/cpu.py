@@ -69,6 +69,24 @@ def tree_sum(buf):
     return buf[0]
 
 
+@numba.njit(inline="always", **JIT_OPTIONS)
+def finish_element(k, loss, g, ws, ls, gs, gos, scale, losses):
+    """The end of an element-wise kernel's loop body for element ``k`` of a block, given its
+    loss and derivative: the weight, the per-element loss, the gradient (times
+    ``grad_output`` and ``scale``) and the block's loss buffer. Absent arrays are ``None``
+    (compiled out), so the loop still vectorizes."""
+    if ws is not None:
+        loss *= ws[k]
+        g *= ws[k]
+    if ls is not None:
+        ls[k] = loss
+    if gs is not None:
+        if gos is not None:
+            g *= gos[k]
+        gs[k] = g * scale
+    losses[k] = loss
+
+
 class KernelPair:
     """One kernel body compiled twice: serial for small inputs, parallel (``prange``) for
     large ones. The variants get distinct names so Numba's on-disk cache keeps both."""
