@@ -168,58 +168,76 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
         for j in range(classes):
             total_weight += np.float64(w[j])
     for c in prange(chunks):
-        zt = np.empty((classes, ROW_BLOCK), z.dtype)
+        # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64
+        zt = np.empty((classes, ROW_BLOCK), z.dtype)  # logits, then the gradient, transposed
+        et = np.empty((classes, ROW_BLOCK), z.dtype)
         m = np.empty(ROW_BLOCK, z.dtype)
-        et = np.empty((classes, ROW_BLOCK))
         sums = np.empty(ROW_BLOCK)
-        wz = np.empty(ROW_BLOCK)
-        losses = np.zeros(_padded(per_chunk))
+        wz = np.zeros(ROW_BLOCK)
+        row_a = np.empty(ROW_BLOCK, z.dtype)  # the gradient is row_a e - row_shift w
+        row_shift = np.empty(ROW_BLOCK, z.dtype)
         first = c * per_chunk
         end = min(first + per_chunk, rows)
+        losses = np.zeros(_padded(end - first))  # zero padding: the tree's sum is the same
         for r0 in range(first, end, ROW_BLOCK):
             nb = min(ROW_BLOCK, end - r0)
             for r in range(nb):
                 for j in range(classes):
                     zt[j, r] = z[r0 + r, j]
             m[:nb] = zt[0, :nb]
-            wz[:nb] = 0.0
             for j in range(classes):
-                wj = 1.0 if w is None else np.float64(w[j])
                 col = zt[j]
                 for r in range(nb):
-                    v = col[r]
-                    m[r] = v if v > m[r] else m[r]
-                    wz[r] += wj * np.float64(v)
+                    m[r] = col[r] if col[r] > m[r] else m[r]
+            if off != 0.0:
+                for j in range(classes):
+                    wj = 1.0 if w is None else np.float64(w[j])
+                    col = zt[j]
+                    for r in range(nb):
+                        wz[r] += wj * np.float64(col[r])
             sums[:nb] = 0.0
             for j in range(classes):
                 col = zt[j]
                 ecol = et[j]
                 for r in range(nb):
-                    e = np.float64(mathfn.exp_native(col[r] - m[r]))
-                    ecol[r] = e
-                    sums[r] += e
+                    ecol[r] = mathfn.exp_native(col[r] - m[r])
+                for r in range(nb):
+                    sums[r] += np.float64(ecol[r])
             for r in range(nb):
                 i = r0 + r
                 k = t[i]
-                if k == ignore_index:
-                    loss = 0.0
-                    if grad_out is not None:
-                        grad_out[i, :] = 0.0
-                else:
+                loss = 0.0
+                row_a[r] = 0.0
+                row_shift[r] = 0.0
+                if k != ignore_index:
                     lse = np.float64(m[r]) + mathfn.log(sums[r])
                     wt = 1.0 if w is None else np.float64(w[k])
                     hit = (1.0 - smoothing) * wt
                     loss = hit * (lse - np.float64(z[i, k])) + off * (total_weight * lse - wz[r])
-                    if grad_out is not None:
-                        g = scale if go is None else scale * np.float64(go[i])
-                        big_a = (hit + off * total_weight) * g / sums[r]
-                        for j in range(classes):
-                            wj = 1.0 if w is None else np.float64(w[j])
-                            grad_out[i, j] = big_a * et[j, r] - off * wj * g
-                        grad_out[i, k] -= hit * g
+                    g = scale if go is None else scale * np.float64(go[i])
+                    row_a[r] = (hit + off * total_weight) * g / sums[r]
+                    row_shift[r] = off * g
                 if loss_out is not None:
                     loss_out[i] = loss
                 losses[i - first] = loss
+            wz[:nb] = 0.0
+            if grad_out is not None:
+                for j in range(classes):
+                    wj = mathfn.like(z, 1.0) if w is None else w[j]
+                    ecol = et[j]
+                    gcol = zt[j]
+                    for r in range(nb):
+                        gcol[r] = row_a[r] * ecol[r] - row_shift[r] * wj
+                for r in range(nb):
+                    for j in range(classes):
+                        grad_out[r0 + r, j] = zt[j, r]
+                for r in range(nb):
+                    i = r0 + r
+                    k = t[i]
+                    if k != ignore_index:
+                        wt = 1.0 if w is None else np.float64(w[k])
+                        g = scale if go is None else scale * np.float64(go[i])
+                        grad_out[i, k] -= (1.0 - smoothing) * wt * g
         partials[c] = tree_sum(losses)
     total = 0.0
     for c in range(chunks):
