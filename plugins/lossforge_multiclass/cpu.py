@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from lossforge.runtime import mathfn
-from lossforge.runtime.cpu import BLOCK, CHUNK, jit, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, parallel_kernel, tree_sum
 
 
 @jit
@@ -62,16 +62,44 @@ def _tree_max(buf):
     return buf[0]
 
 
+#: Lanes of the row maximum for rows of up to ``LANE_MAX_CLASSES`` classes: on short rows the
+#: halving tree's many short loops cost more than the exponentials; on long rows it is faster.
+LANES = 16
+LANE_MAX_CLASSES = 256
+
+
+@inline
+def _lane_max(zs, lanes):
+    """The maximum of a row through ``LANES`` running maxima (``lanes`` is scratch)."""
+    classes = zs.size
+    full = classes - classes % LANES
+    lanes[:] = -np.inf
+    for j0 in range(0, full, LANES):
+        for q in range(LANES):
+            v = zs[j0 + q]
+            lanes[q] = v if v > lanes[q] else lanes[q]
+    m = lanes[0]
+    for q in range(1, LANES):
+        m = lanes[q] if lanes[q] > m else m
+    for j in range(full, classes):
+        m = zs[j] if zs[j] > m else m
+    return m
+
+
 @jit
 def _softmax_row(zs, e, narrow, scratch):
     """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``) in float64.
-    ``e`` and ``narrow`` (the tree of the maximum) have the logits' dtype: a float32 row is
+    ``e`` and ``narrow`` (scratch of the maximum) have the logits' dtype: a float32 row is
     worked on in float32 vectors of 16 lanes, and only the sum is widened, into ``scratch``."""
     classes = zs.size
-    for j in range(classes):
-        narrow[j] = zs[j]
-    narrow[classes:] = -np.inf
-    m = _tree_max(narrow)  # exact: the maximum is one of the row's
+    if classes <= LANE_MAX_CLASSES:
+        m = _lane_max(zs, narrow[:LANES])
+    else:
+        for j in range(classes):
+            narrow[j] = zs[j]
+        narrow[classes:] = -np.inf
+        m = _tree_max(narrow)
+    # exact either way: the maximum is one of the row's; nan rows give nan (exp of nan)
     for j in range(classes):
         e[j] = mathfn.exp_native(zs[j] - m)
     for j in range(classes):
@@ -97,7 +125,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         e = np.empty(padded, z.dtype)
-        narrow = np.empty(padded, z.dtype)
+        narrow = np.empty(max(padded, LANES), z.dtype)
         scratch = np.empty(padded)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
@@ -256,7 +284,7 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         e = np.empty(padded, z.dtype)
-        narrow = np.empty(padded, z.dtype)
+        narrow = np.empty(max(padded, LANES), z.dtype)
         scratch = np.empty(padded)
         coefficients = np.empty(padded)
         s = 0.0
