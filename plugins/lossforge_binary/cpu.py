@@ -19,6 +19,7 @@ from lossforge.runtime.cpu import (
     finish_element,
     inline,
     jit,
+    ordered_sum,
     parallel_kernel,
     tree_sum,
 )
@@ -109,10 +110,7 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 @jit

@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from lossforge.runtime import mathfn
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, ordered_sum, parallel_kernel, tree_sum
 
 
 @jit
@@ -48,6 +48,17 @@ def _padded(classes):
     while p < classes:
         p *= 2
     return p
+
+
+@jit
+def _total_weight(w, classes):
+    """The summed class weights (the class count without weights), for label smoothing."""
+    if w is None:
+        return float(classes)
+    total = 0.0
+    for j in range(classes):
+        total += np.float64(w[j])
+    return total
 
 
 @jit
@@ -117,11 +128,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     partials = np.empty(chunks)
     padded = _padded(classes)
     off = smoothing / classes if classes else 0.0
-    total_weight = float(classes)
-    if w is not None:
-        total_weight = 0.0
-        for j in range(classes):
-            total_weight += np.float64(w[j])
+    total_weight = _total_weight(w, classes)
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         e = np.empty(padded, z.dtype)
@@ -168,10 +175,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 #: cross_entropy with at most this many classes runs the kernel vectorized across rows.
@@ -190,11 +194,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
     off = smoothing / classes if classes else 0.0
-    total_weight = float(classes)
-    if w is not None:
-        total_weight = 0.0
-        for j in range(classes):
-            total_weight += np.float64(w[j])
+    total_weight = _total_weight(w, classes)
     for c in prange(chunks):
         # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64
         zt = np.empty((classes, ROW_BLOCK), z.dtype)  # logits, then the gradient, transposed
@@ -267,10 +267,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                         g = scale if go is None else scale * np.float64(go[i])
                         grad_out[i, k] -= (1.0 - smoothing) * wt * g
         partials[c] = tree_sum(losses)
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 @parallel_kernel
@@ -319,10 +316,7 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 @parallel_kernel
@@ -354,10 +348,7 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 def _run(kernel, p, loss_out, grads, grad_output, scale, *options):

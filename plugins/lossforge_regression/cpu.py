@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, finish_element, inline, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import (
+    BLOCK,
+    CHUNK,
+    finish_element,
+    inline,
+    ordered_sum,
+    parallel_kernel,
+    tree_sum,
+)
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
@@ -78,10 +86,7 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 def _flat(array):

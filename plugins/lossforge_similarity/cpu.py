@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import BLOCK, CHUNK, inline, ordered_sum, parallel_kernel, tree_sum
 
 
 @inline
@@ -110,10 +110,7 @@ def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 def cosine_similarity(p, loss_out, grads, grad_output, scale):

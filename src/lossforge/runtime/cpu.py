@@ -70,6 +70,16 @@ def tree_sum(buf):
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
+def ordered_sum(partials):
+    """The chunk partials of a reduction added in chunk order: the last step of every
+    kernel's sum, what makes it the same for any thread count."""
+    total = 0.0
+    for c in range(partials.size):
+        total += partials[c]
+    return total
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
 def finish_element(k, loss, g, ws, ls, gs, gos, scale, losses):
     """The end of an element-wise kernel's loop body for element ``k`` of a block, given its
     loss and derivative: the weight, the per-element loss, the gradient (times

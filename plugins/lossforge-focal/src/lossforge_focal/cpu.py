@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import prange
 
-from lossforge.runtime.cpu import CHUNK, parallel_kernel
+from lossforge.runtime.cpu import CHUNK, ordered_sum, parallel_kernel
 
 
 @parallel_kernel
@@ -40,10 +40,7 @@ def _focal(x, y, alpha, gamma, loss_out, grad_out, go, scale):
                 g = weight * ((p - t) * modulation - ce * d_mod)
                 grad_out[i] = g * scale * (go[i] if go.size else 1.0)
         partials[c] = s
-    total = 0.0
-    for c in range(chunks):
-        total += partials[c]
-    return total
+    return ordered_sum(partials)
 
 
 def focal(p, loss_out, grads, grad_output, scale):
