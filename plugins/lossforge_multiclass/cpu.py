@@ -332,7 +332,9 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
         for lo in range(c * per_chunk, end, BLOCK):
             hi = min(lo + BLOCK, end)
             if grad_out is not None:  # one contiguous run of zeros, then the picks
-                grad_out.reshape(-1)[lo * classes : hi * classes] = 0.0
+                zeros = grad_out.reshape(-1)[lo * classes : hi * classes]
+                for q in range(zeros.size):  # a plain loop: LLVM makes it a memset
+                    zeros[q] = 0.0
             for i in range(lo, hi):
                 k = t[i]
                 loss = 0.0
