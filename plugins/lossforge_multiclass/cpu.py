@@ -200,7 +200,8 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
         zt = np.empty((classes, ROW_BLOCK), z.dtype)  # logits, then the gradient, transposed
         et = np.empty((classes, ROW_BLOCK), z.dtype)
         m = np.empty(ROW_BLOCK, z.dtype)
-        sums = np.empty(ROW_BLOCK)
+        sums = np.empty(ROW_BLOCK)  # of the exponentials, then their reciprocals
+        lse = np.empty(ROW_BLOCK)
         wz = np.zeros(ROW_BLOCK)
         row_a = np.empty(ROW_BLOCK, z.dtype)  # the gradient is row_a e - row_shift w
         row_shift = np.empty(ROW_BLOCK, z.dtype)
@@ -209,9 +210,11 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
         losses = np.zeros(_padded(end - first))  # zero padding: the tree's sum is the same
         for r0 in range(first, end, ROW_BLOCK):
             nb = min(ROW_BLOCK, end - r0)
-            for r in range(nb):
-                for j in range(classes):
-                    zt[j, r] = z[r0 + r, j]
+            zb = z.reshape(-1)[r0 * classes : (r0 + nb) * classes]
+            for j in range(classes):
+                col = zt[j]
+                for r in range(nb):
+                    col[r] = zb[r * classes + j]
             m[:nb] = zt[0, :nb]
             for j in range(classes):
                 col = zt[j]
@@ -231,6 +234,9 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                     ecol[r] = mathfn.exp_native(col[r] - m[r])
                 for r in range(nb):
                     sums[r] += np.float64(ecol[r])
+            for r in range(nb):  # vectorizes: the log and reciprocal of every row at once
+                lse[r] = np.float64(m[r]) + mathfn.log(sums[r])
+                sums[r] = 1.0 / sums[r]
             for r in range(nb):
                 i = r0 + r
                 k = t[i]
@@ -238,12 +244,12 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                 row_a[r] = 0.0
                 row_shift[r] = 0.0
                 if k != ignore_index:
-                    lse = np.float64(m[r]) + mathfn.log(sums[r])
                     wt = 1.0 if w is None else np.float64(w[k])
                     hit = (1.0 - smoothing) * wt
-                    loss = hit * (lse - np.float64(z[i, k])) + off * (total_weight * lse - wz[r])
+                    loss = hit * (lse[r] - np.float64(z[i, k]))
+                    loss += off * (total_weight * lse[r] - wz[r])
                     g = scale if go is None else scale * np.float64(go[i])
-                    row_a[r] = (hit + off * total_weight) * g / sums[r]
+                    row_a[r] = (hit + off * total_weight) * g * sums[r]
                     row_shift[r] = off * g
                 if loss_out is not None:
                     loss_out[i] = loss
@@ -256,9 +262,11 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                     gcol = zt[j]
                     for r in range(nb):
                         gcol[r] = row_a[r] * ecol[r] - row_shift[r] * wj
-                for r in range(nb):
-                    for j in range(classes):
-                        grad_out[r0 + r, j] = zt[j, r]
+                gb = grad_out.reshape(-1)[r0 * classes : (r0 + nb) * classes]
+                for j in range(classes):
+                    gcol = zt[j]
+                    for r in range(nb):
+                        gb[r * classes + j] = gcol[r]
                 for r in range(nb):
                     i = r0 + r
                     k = t[i]
