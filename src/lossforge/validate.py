@@ -17,6 +17,7 @@ import numpy as np
 from lossforge import dispatch
 
 REDUCTIONS = ("none", "mean", "sum")
+_F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
 
 
 @dataclass(eq=False, slots=True)
@@ -68,12 +69,16 @@ def check_range(name: str, value: object, lo: float, hi: float) -> float:
 
 
 def check_int(name: str, value: object) -> int:
+    if type(value) is int:  # the common case, kept cheap: this runs on every call
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
 
 
 def check_real(name: str, value: object) -> float:
+    if type(value) is float:  # the common case, kept cheap
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, np.complexfloating):
@@ -84,6 +89,8 @@ def check_real(name: str, value: object) -> float:
 def float_dtype(name: str, array: Any) -> np.dtype:
     """The float dtype of an argument, or TypeError naming the dtype it has."""
     dtype = np.dtype(array.dtype)
+    if dtype is _F32 or dtype is _F64:  # the common case, kept cheap (native byte order)
+        return dtype
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise TypeError(
             f"{name} must be a float16, float32 or float64 array, got dtype {dtype.name}"
@@ -93,6 +100,8 @@ def float_dtype(name: str, array: Any) -> np.dtype:
 
 def compute_dtype(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
     """(compute dtype, result dtype) of arguments promoted together, as PyTorch promotes."""
+    if len(dtypes) == 1 and (dtypes[0] is _F32 or dtypes[0] is _F64):  # kept cheap
+        return dtypes[0], dtypes[0]
     result = np.result_type(*dtypes)
     return (np.dtype(np.float32) if result == np.float16 else result), result
 
@@ -120,6 +129,8 @@ def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def as_index(name: str, array: Any, backend: str) -> Any:
     """Class-index targets as C-contiguous int64, or TypeError naming the dtype."""
     dtype = np.dtype(array.dtype)
+    if dtype is _I64 and backend == "cpu" and array.flags.c_contiguous:  # kept cheap
+        return array
     if dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {dtype.name}")
     if backend == "cpu":
@@ -160,7 +171,6 @@ def check_length(name: str, array: Any, expected: int, what: str) -> None:
         )
 
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _EMPTY = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}
 
 
