@@ -303,6 +303,21 @@ def test_bad_out(out, error, match, rng):
         lf.mse_loss.value_and_grad(x, y, out=out)
 
 
+def test_out_of_the_compute_dtype_for_float16(rng):
+    # float16 is computed in float32, but the gradient's dtype is float16: so must out's be
+    x, y = data(rng, 8, np.float16)
+    with pytest.raises(TypeError, match="dtype float16, got float32"):
+        lf.mse_loss.value_and_grad(x, y, out=np.empty(8, np.float32))
+
+
+def test_read_only_out(rng):
+    x, y = data(rng, 8, np.float32)
+    out = np.empty(8, np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        lf.mse_loss.value_and_grad(x, y, out=out)
+
+
 # -- bad input (API.md section 5) ------------------------------------------------------------
 @pytest.mark.parametrize("name", LOSSES)
 def test_bad_reduction(name, rng):

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lossforge import KernelSpec, LossSpec, Prepared, dispatch, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
 from lossforge_multiclass.cpu import check_targets
+
+_F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
 
 _SHAPE = """
     Shape:
@@ -31,6 +33,67 @@ _SHAPE = """
 
 
 def _prepare(name, arrays, options, backend):
+    ignore_index = validate.check_int("ignore_index", options["ignore_index"])
+    smoothing = 0.0
+    if name == "cross_entropy":
+        smoothing = validate.check_range("label_smoothing", options["label_smoothing"], 0.0, 1.0)
+    dtype = _ready_rows(arrays, options, backend)
+    if dtype is not None:  # the common case, kept cheap: nothing to convert or move
+        z, t = arrays
+        shape = z.shape
+        weight = validate.no_weight(dtype, backend)
+        moved, probabilities, result, input_dtype = None, False, dtype, dtype
+    else:
+        shape, z, t, weight, moved, probabilities, input_dtype, dtype, result = _normalise(
+            name, arrays, options, backend
+        )
+    classes = z.shape[1]
+    if probabilities:
+        denominator = float(z.shape[0])
+    else:
+        if backend == "cpu":
+            check = check_targets
+        else:
+            from lossforge_multiclass.cuda import check_targets as check
+        bad, denominator = check(t, classes, ignore_index, weight if weight.size else None)
+        if bad != ignore_index:
+            raise IndexError(
+                f"target {bad} is out of bounds: class indices must be in [0, {classes}) "
+                f"or equal to ignore_index={ignore_index}"
+            )
+    value_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    return Prepared(
+        arrays=(z, t, weight),
+        params=(moved, probabilities, ignore_index, smoothing),
+        reduction=options["reduction"],
+        denominator=denominator,
+        value_shape=value_shape,
+        grad_shapes=(shape,),
+        dtype=dtype,
+        result_dtypes=(result, input_dtype),
+        backend=backend,
+    )
+
+
+def _ready_rows(arrays, options, backend):
+    """The dtype when the arguments are already what the kernels take (a C-contiguous
+    float32/float64 NumPy ``(N, C)`` input, int64 ``(N)`` class indices, no weight), else
+    ``None``: ``_normalise`` then checks and converts them."""
+    x, t = arrays
+    if backend != "cpu" or type(x) is not np.ndarray or type(t) is not np.ndarray:
+        return None
+    dtype = x.dtype
+    if (dtype is not _F32 and dtype is not _F64) or t.dtype is not _I64:
+        return None
+    if x.ndim != 2 or t.shape != x.shape[:1] or options["weight"] is not None:
+        return None
+    return dtype if x.flags.c_contiguous and t.flags.c_contiguous else None
+
+
+def _normalise(name, arrays, options, backend):
+    """(input shape, rows of logits, targets, weight, moved shape or None, probability
+    targets?, input dtype, compute dtype, result dtype): the arguments checked and converted
+    to what the kernels take."""
     x = validate.as_array(arrays[0], backend)
     t = validate.as_array(arrays[1], backend)
     dtypes = [validate.float_dtype("input", x)]
@@ -50,14 +113,10 @@ def _prepare(name, arrays, options, backend):
                 f"{tuple(x.shape)} (the input's shape without the class dimension 1), got "
                 f"target of shape {tuple(t.shape)}"
             )
-    ignore_index = validate.check_int("ignore_index", options["ignore_index"])
-    smoothing = 0.0
-    if name == "cross_entropy":
-        smoothing = validate.check_range("label_smoothing", options["label_smoothing"], 0.0, 1.0)
     dtype, result = validate.compute_dtype(*dtypes)
     weight = options["weight"]
     if weight is None:
-        weight = dispatch.empty((0,), dtype, backend)
+        weight = validate.no_weight(dtype, backend)
     else:
         weight = validate.as_array(weight, backend)
         validate.float_dtype("weight", weight)
@@ -83,33 +142,9 @@ def _prepare(name, arrays, options, backend):
         else:
             t = t.reshape(-1)
     z = validate.as_float("input", z, dtype, backend)
-    rows = z.shape[0]
     if probabilities:
         t = validate.as_float("target", t, dtype, backend)
-        denominator = float(rows)
-    else:
-        if backend == "cpu":
-            check = check_targets
-        else:
-            from lossforge_multiclass.cuda import check_targets as check
-        bad, denominator = check(t, classes, ignore_index, weight if weight.size else None)
-        if bad != ignore_index:
-            raise IndexError(
-                f"target {bad} is out of bounds: class indices must be in [0, {classes}) "
-                f"or equal to ignore_index={ignore_index}"
-            )
-    value_shape = () if x.ndim == 1 else (x.shape[0], *x.shape[2:])
-    return Prepared(
-        arrays=(z, t, weight),
-        params=(moved, probabilities, ignore_index, smoothing),
-        reduction=options["reduction"],
-        denominator=denominator,
-        value_shape=value_shape,
-        grad_shapes=(tuple(x.shape),),
-        dtype=dtype,
-        result_dtypes=(result, dtypes[0]),
-        backend=backend,
-    )
+    return tuple(x.shape), z, t, weight, moved, probabilities, dtypes[0], dtype, result
 
 
 def _prepare_cross_entropy(arrays, options, backend):

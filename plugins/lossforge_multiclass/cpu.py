@@ -196,15 +196,18 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     off = smoothing / classes if classes else 0.0
     total_weight = _total_weight(w, classes)
     for c in prange(chunks):
-        # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64
-        zt = np.empty((classes, ROW_BLOCK), z.dtype)  # logits, then the gradient, transposed
-        et = np.empty((classes, ROW_BLOCK), z.dtype)
-        m = np.empty(ROW_BLOCK, z.dtype)
-        sums = np.empty(ROW_BLOCK)  # of the exponentials, then their reciprocals
-        lse = np.empty(ROW_BLOCK)
-        wz = np.zeros(ROW_BLOCK)
-        row_a = np.empty(ROW_BLOCK, z.dtype)  # the gradient is row_a e - row_shift w
-        row_shift = np.empty(ROW_BLOCK, z.dtype)
+        # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64.
+        # Two allocations, sliced: on small inputs each allocation costs as much as a row.
+        narrow = np.empty((2 * classes + 3, ROW_BLOCK), z.dtype)
+        zt = narrow[:classes]  # logits, then the gradient, transposed
+        et = narrow[classes : 2 * classes]
+        m = narrow[2 * classes]
+        row_a = narrow[2 * classes + 1]  # the gradient is row_a e - row_shift w
+        row_shift = narrow[2 * classes + 2]
+        wide = np.zeros((3, ROW_BLOCK))
+        sums = wide[0]  # of the exponentials, then their reciprocals
+        lse = wide[1]
+        wz = wide[2]
         first = c * per_chunk
         end = min(first + per_chunk, rows)
         losses = np.zeros(_padded(end - first))  # zero padding: the tree's sum is the same

@@ -174,6 +174,14 @@ def check_length(name: str, array: Any, expected: int, what: str) -> None:
 _EMPTY = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}
 
 
+def no_weight(dtype: np.dtype, backend: str) -> Any:
+    """The length-0 array that stands for "no weight": kernels take one signature, with or
+    without weights. Shared on the CPU (nothing can be written to it)."""
+    if backend == "cpu" and dtype in _EMPTY:
+        return _EMPTY[dtype]
+    return dispatch.empty((0,), dtype, backend)
+
+
 def _same_ready_arrays(arrays: Sequence[Any]) -> np.dtype | None:
     """The dtype when every array is already what kernels want (NumPy, C-contiguous, native
     float32 or float64, one dtype and shape): the common case skips normalisation."""
@@ -210,7 +218,13 @@ def elementwise(
     if backend == "cpu" and weight is None:
         fast = _same_ready_arrays(arrays)
         if fast is not None:
-            return list(arrays), _EMPTY[fast], fast, (fast,) * (len(arrays) + 1), arrays[0].shape
+            return (
+                list(arrays),
+                no_weight(fast, backend),
+                fast,
+                (fast,) * (len(arrays) + 1),
+                arrays[0].shape,
+            )
     raw = [as_array(a, backend) for a in arrays]
     dtypes = [float_dtype(n, a) for n, a in zip(names, raw, strict=True)]
     shape = check_same_shape(names, raw)
@@ -225,7 +239,7 @@ def elementwise(
     dtype, result = compute_dtype(*dtypes)
     out = [as_float(n, a, dtype, backend) for n, a in zip(names, raw, strict=True)]
     if weight is None:
-        weight = dispatch.empty((0,), dtype, backend)
+        weight = no_weight(dtype, backend)
     else:
         weight = as_float("weight", weight, dtype, backend)
     return out, weight, dtype, (result, *dtypes[: len(names)]), shape

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
-import numpy as np
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
 #: rounding of sums, so it is a constant, not a tuning knob.
@@ -139,18 +138,6 @@ def _renamed(fn: Callable, suffix: str) -> Callable:
     clone.__module__ = fn.__module__
     clone.__doc__ = fn.__doc__
     return clone
-
-
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
-
-
-def or_empty(array: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
-    """``array`` flattened, or a length-0 array standing for "not wanted": kernels test
-    ``len(a) > 0`` instead of taking optional arguments, which would compile one more
-    signature for each."""
-    if array is None:
-        return _EMPTY[np.dtype(dtype)]
-    return array.reshape(-1)
 
 
 @contextlib.contextmanager
