@@ -29,7 +29,7 @@ FUNCTIONS = {
     "log": (mathfn.log, np.log, np.float64),
     "log1p": (mathfn.log1p, np.log1p, np.float64),
     "log1p_unit": (mathfn.log1p_unit, np.log1p, np.float64),
-    "exp_f32": (mathfn.exp_f32, np.exp, np.float32),
+    "exp_nonpositive_f32": (mathfn.exp_nonpositive_f32, np.exp, np.float32),
     "log_f32": (mathfn.log_f32, np.log, np.float32),
     "log1p_unit_f32": (mathfn.log1p_unit_f32, np.log1p, np.float32),
 }
@@ -59,12 +59,20 @@ def ulp_error(name, x):
 def samples(name, rng):
     base = name.removesuffix("_f32")
     if base == "exp":
-        limits = (-745, 710) if name == "exp" else (-103, 88)
         return np.concatenate(
             [
-                rng.uniform(*limits, 200_000),
+                rng.uniform(-745, 710, 200_000),
                 rng.uniform(-1, 1, 100_000),
                 rng.uniform(-40, 40, 100_000),
+            ]
+        )
+    if base == "exp_nonpositive":  # results in the normal range (below it: test_flush)
+        return np.concatenate(
+            [
+                rng.uniform(-87.3, 0, 200_000),
+                rng.uniform(-1, 0, 100_000),
+                -(10.0 ** rng.uniform(-30, 0, 100_000)),
+                [0.0, -87.3],
             ]
         )
     if base == "log":
@@ -106,7 +114,7 @@ def test_within_two_ulp(name, rng):
         ("log", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 5e-324, 1.7976931348623157e308]),
         ("log1p", [-1.0, -2.0, np.inf, np.nan, 0.0, 1e-320, 1e-17]),
         ("log1p_unit", [np.nan, 0.0, 1.0, 1e-320]),
-        ("exp_f32", [np.inf, -np.inf, np.nan, 0.0, 89.0, -104.0, 88.7]),
+        ("exp_nonpositive_f32", [-np.inf, np.nan, 0.0, -0.0, -1e-45, -200.0, -1e38]),
         ("log_f32", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 1e-45, 3.4e38]),
         ("log1p_unit_f32", [np.nan, 0.0, 1.0, 1e-45]),
     ],
@@ -117,3 +125,12 @@ def test_special_values(name, x):
     with np.errstate(all="ignore"):
         expected = reference(x.astype(np.float64)).astype(dtype)
     np.testing.assert_array_equal(apply(name, x), expected)
+
+
+def test_exp_nonpositive_f32_flushes_below_the_normal_range(rng):
+    # e ** x < 1.18e-38 (the smallest normal float32) for x < -87.34: results may flush to 0
+    x = np.concatenate([rng.uniform(-104, -87.3, 100_000), [-87.4, -88.0, -103.0]])
+    got = apply("exp_nonpositive_f32", x)
+    exact = np.exp(x.astype(np.float32).astype(np.float64))
+    assert np.all(got >= 0)
+    assert np.abs(got - exact).max() <= np.finfo(np.float32).tiny

@@ -58,7 +58,7 @@ def _logits(x, y, pw):
     cancellation for hard labels."""
     one = mathfn.like(x, 1.0)
     zero = mathfn.like(x, 0.0)
-    e = mathfn.exp_native(-abs(x))  # in (0, 1]
+    e = mathfn.exp_nonpositive(-abs(x))  # in (0, 1]
     s = mathfn.log1p_unit_native(e)
     r = one / (one + e)  # one division serves both sigmoids
     positive = x if x > zero else zero

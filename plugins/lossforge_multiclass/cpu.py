@@ -112,7 +112,7 @@ def _softmax_row(zs, e, narrow, scratch):
         m = _tree_max(narrow)
     # exact either way: the maximum is one of the row's; nan rows give nan (exp of nan)
     for j in range(classes):
-        e[j] = mathfn.exp_native(zs[j] - m)
+        e[j] = mathfn.exp_nonpositive(zs[j] - m)
     for j in range(classes):
         scratch[j] = e[j]
     scratch[classes:] = 0.0
@@ -234,7 +234,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
                 col = zt[j]
                 ecol = et[j]
                 for r in range(nb):
-                    ecol[r] = mathfn.exp_native(col[r] - m[r])
+                    ecol[r] = mathfn.exp_nonpositive(col[r] - m[r])
                 for r in range(nb):
                     sums[r] += np.float64(ecol[r])
             for r in range(nb):  # vectorizes: the log and reciprocal of every row at once
@@ -368,10 +368,12 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
     """Runs a row kernel on ``p.arrays = (rows of logits, targets, weight)`` and moves the
     gradient back to the input's layout when the rows are a moved copy (K-dimensional)."""
     z, t, w = p.arrays
-    grad = grads[0] if grads else None
-    rows_grad = None
-    if grad is not None:
-        rows_grad = grad.reshape(z.shape) if p.params[0] is None else np.empty_like(z)
+    moved = p.params[0]
+    rows_grad = grads[0] if grads else None
+    if moved is not None and rows_grad is not None:
+        rows_grad = np.empty_like(z)
+    elif rows_grad is not None and rows_grad.ndim != 2:  # a 1-D input of one row
+        rows_grad = rows_grad.reshape(z.shape)
     total = kernel(
         z.size,
         z,
@@ -383,9 +385,9 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
         None if grad_output is None else grad_output.reshape(-1),
         scale,
     )
-    if grad is not None and p.params[0] is not None:
-        shape = p.params[0]  # (N, d1, ..., dk, C): rows are the class dimension moved last
-        np.copyto(grad, np.moveaxis(rows_grad.reshape(shape), -1, 1))
+    if moved is not None and rows_grad is not None:
+        # (N, d1, ..., dk, C): rows are the class dimension moved last
+        np.copyto(grads[0], np.moveaxis(rows_grad.reshape(moved), -1, 1))
     return total
 
 
