@@ -97,7 +97,7 @@ def _lane_max(zs, lanes):
     return m
 
 
-@jit
+@inline
 def _softmax_row(zs, e, narrow, scratch):
     """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``) in float64.
     ``e`` and ``narrow`` (scratch of the maximum) have the logits' dtype: a float32 row is
