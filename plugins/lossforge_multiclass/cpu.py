@@ -342,24 +342,29 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):
             hi = min(lo + BLOCK, end)
-            if grad_out is not None:  # one contiguous run of zeros, then the picks
-                zeros = grad_out.reshape(-1)[lo * classes : hi * classes]
-                for q in range(zeros.size):  # a plain loop: LLVM makes it a memset
-                    zeros[q] = 0.0
+            # the picks from the input first, in a loop of their own: their cache misses
+            # overlap each other instead of queueing behind the stores of the zeros
             for i in range(lo, hi):
                 k = t[i]
                 loss = 0.0
                 if k != ignore_index:
                     wt = 1.0 if w is None else np.float64(w[k])
                     loss = -wt * np.float64(x[i, k])
-                    if grad_out is not None:
-                        g = scale if go is None else scale * np.float64(go[i])
-                        grad_out[i, k] = -wt * g
                 if loss_out is not None:
                     loss_out[i] = loss
                 buf[i - lo] = loss
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
+            if grad_out is not None:  # one contiguous run of zeros, then the picks
+                zeros = grad_out.reshape(-1)[lo * classes : hi * classes]
+                for q in range(zeros.size):  # a plain loop: LLVM makes it a memset
+                    zeros[q] = 0.0
+                for i in range(lo, hi):
+                    k = t[i]
+                    if k != ignore_index:
+                        wt = 1.0 if w is None else np.float64(w[k])
+                        g = scale if go is None else scale * np.float64(go[i])
+                        grad_out[i, k] = -wt * g
         partials[c] = s
     return ordered_sum(partials)
 
