@@ -252,6 +252,15 @@ def test_bce_input_outside_unit_interval(bad, rng):
     assert_unchanged(before, (x, y))
 
 
+def test_bce_names_the_first_input_outside_unit_interval(rng):
+    # large enough for the parallel check; the bad elements lie in different chunks
+    x, y = data("binary_cross_entropy", rng, 300_000)
+    x[200_001] = 2.5
+    x[250_000] = -3.0
+    with pytest.raises(ValueError, match=r"found 2\.5;"):
+        lf.binary_cross_entropy(x, y)
+
+
 def test_bce_nan_propagates():
     value = lf.binary_cross_entropy(np.array([np.nan, 0.5]), np.array([1.0, 0.0]), reduction="none")
     assert np.isnan(value[0]) and np.isfinite(value[1])

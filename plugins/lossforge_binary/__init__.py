@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
-from lossforge_binary.cpu import BCE, BCE_LOGITS, _any_outside_unit
+from lossforge_binary.cpu import BCE, BCE_LOGITS, first_outside_unit
 
 _SHAPE = """
     Shape:
@@ -57,8 +57,8 @@ def _prepare(kind, arrays, options, backend):
     pw = None
     if kind == BCE:
         if backend == "cpu":  # the CUDA kernel flags bad inputs in its own pass
-            bad = _any_outside_unit(x.ravel())
-            if bad != 0.5:
+            bad = first_outside_unit(x.ravel())
+            if bad is not None:
                 raise outside_unit(bad)
     else:
         last = shape[-1] if shape else 1

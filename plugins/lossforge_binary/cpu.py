@@ -18,7 +18,6 @@ from lossforge.runtime.cpu import (
     CHUNK,
     finish_element,
     inline,
-    jit,
     ordered_sum,
     parallel_kernel,
     tree_sum,
@@ -113,14 +112,28 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     return ordered_sum(partials)
 
 
-@jit
-def _any_outside_unit(x):
-    """The first element outside [0, 1] (nan passes: it propagates), or 0.5 if none."""
-    for i in range(x.size):
-        v = x[i]
-        if v < 0 or v > 1:
-            return np.float64(v)
-    return 0.5
+@parallel_kernel
+def _outside_unit(x):
+    """How many elements are outside [0, 1] (nan is not: it propagates). Counted without
+    branches, so the loop vectorizes; a search for the first one stops vectorization and
+    cost more than the loss itself."""
+    n = x.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    counts = np.empty(chunks, np.int64)
+    for c in prange(chunks):
+        xs = x[c * CHUNK : min(c * CHUNK + CHUNK, n)]
+        count = 0
+        for i in range(xs.size):
+            count += (xs[i] < 0) | (xs[i] > 1)
+        counts[c] = count
+    return counts.sum()
+
+
+def first_outside_unit(x):
+    """The first element of ``x`` outside [0, 1], or ``None`` if there is none."""
+    if not _outside_unit(x.size, x):
+        return None
+    return float(x[(x < 0) | (x > 1)][0])
 
 
 def _flat(array):
