@@ -316,6 +316,26 @@ def test_class_index_out_of_range(name, bad, rng):
     assert_unchanged(before, (x, t))
 
 
+def test_the_first_bad_index_is_named(rng):
+    # enough targets for the parallel check, bad ones in different chunks, weights given
+    x, t = rng.standard_normal((200_000, 3)), rng.integers(0, 3, 200_000)
+    t[150_000], t[190_000], t[10] = 7, -5, -100
+    with pytest.raises(IndexError, match="target 7 is out of bounds"):
+        lf.nll_loss(x, t, weight=np.ones(3))
+
+
+def test_mean_denominator_of_many_weighted_targets(rng):
+    # the summed weights of the counted targets, over many chunks, against NumPy's sum
+    x, t = rng.standard_normal((300_000, 4)), rng.integers(0, 4, 300_000)
+    t[::3] = -100
+    w = rng.random(4) + 0.5
+    total = lf.nll_loss(x, t, weight=w, reduction="sum")
+    kept = t != -100
+    np.testing.assert_allclose(
+        lf.nll_loss(x, t, weight=w), total / np.sum(w[t[kept]], dtype=np.float64), rtol=1e-12
+    )
+
+
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
 def test_weight_of_wrong_length(name, rng):
     x, t = case(rng, (4, 5))

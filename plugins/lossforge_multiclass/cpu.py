@@ -21,19 +21,44 @@ from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, ordered_sum, parallel_kernel, tree_sum
 
 
-@jit
 def check_targets(t, classes, ignore_index, w):
     """(first out-of-range target or ``ignore_index`` if none, summed weight of the counted
-    targets) in one pass over the class indices."""
-    denominator = 0.0
-    for i in range(t.size):
-        k = t[i]
-        if k == ignore_index:
-            continue
-        if k < 0 or k >= classes:
-            return k, 0.0
-        denominator += 1.0 if w is None else np.float64(w[k])
+    targets: the "mean" denominator) of int64 class indices ``t``."""
+    bad, denominator = _check_targets(t.size, t, classes, ignore_index, w)
+    if bad:
+        return int(t[(t != ignore_index) & ((t < 0) | (t >= classes))][0]), denominator
     return ignore_index, denominator
+
+
+@parallel_kernel
+def _check_targets(t, classes, ignore_index, w):
+    """(how many targets are out of range, summed weight of the others): counted without
+    branches so that the pass vectorizes (a search that stops at the first bad target does
+    not), per chunk, the partial sums added in chunk order."""
+    n = t.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    bad = np.empty(chunks, np.int64)
+    partials = np.empty(chunks)
+    for c in prange(chunks):
+        ts = t[c * CHUNK : min(c * CHUNK + CHUNK, n)]
+        count = 0
+        kept = 0
+        for i in range(ts.size):
+            k = ts[i]
+            counted = k != ignore_index
+            count += counted & ((k < 0) | (k >= classes))
+            kept += counted
+        bad[c] = count
+        if w is None:
+            partials[c] = kept
+        else:  # a gather: weights of the counted targets
+            s = 0.0
+            for i in range(ts.size):
+                k = ts[i]
+                if k != ignore_index and k >= 0 and k < classes:
+                    s += np.float64(w[k])
+            partials[c] = s
+    return bad.sum(), ordered_sum(partials)
 
 
 @jit
