@@ -8,6 +8,12 @@ over the whole float64 range (tests/test_mathfn.py checks it), with IEEE behavio
 edges: ``exp(-inf) = 0``, ``exp(inf) = inf``, overflow to ``inf``, gradual underflow to
 subnormals; ``log(0) = -inf``, ``log(x < 0) = nan``, ``log(inf) = inf``; nan propagates.
 
+The ``_f32`` variants compute in float32 (16 lanes per AVX-512 vector) for float32 kernels,
+and the ``*_native`` / ``exp_nonpositive`` dispatchers pick the variant of an argument's
+precision when the calling kernel is compiled. ``exp_nonpositive_f32`` serves the only
+exponentials kernels take, of ``x - max`` and ``-|x|``: no overflow path, results below the
+normal range flush to 0.
+
 Numba's on-disk cache keys a kernel on its own source file only: after editing this module,
 clear the ``__pycache__`` folders of the kernels that call it.
 """
