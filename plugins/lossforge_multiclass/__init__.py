@@ -37,16 +37,9 @@ def _prepare(name, arrays, options, backend):
     smoothing = 0.0
     if name == "cross_entropy":
         smoothing = validate.check_range("label_smoothing", options["label_smoothing"], 0.0, 1.0)
-    dtype = _ready_rows(arrays, options, backend)
-    if dtype is not None:  # the common case, kept cheap: nothing to convert or move
-        z, t = arrays
-        shape = z.shape
-        weight = validate.no_weight(dtype, backend)
-        moved, probabilities, result, input_dtype = None, False, dtype, dtype
-    else:
-        shape, z, t, weight, moved, probabilities, input_dtype, dtype, result = _normalise(
-            name, arrays, options, backend
-        )
+    shape, z, t, weight, moved, probabilities, input_dtype, dtype, result = _normalise(
+        name, arrays, options, backend
+    )
     classes = z.shape[1]
     if probabilities:
         denominator = float(z.shape[0])
@@ -94,6 +87,10 @@ def _normalise(name, arrays, options, backend):
     """(input shape, rows of logits, targets, weight, moved shape or None, probability
     targets?, input dtype, compute dtype, result dtype): the arguments checked and converted
     to what the kernels take."""
+    ready = _ready_rows(arrays, options, backend)
+    if ready is not None:  # the common case, kept cheap: nothing to convert or move
+        x, t = arrays
+        return x.shape, x, t, validate.no_weight(ready, backend), None, False, ready, ready, ready
     x = validate.as_array(arrays[0], backend)
     t = validate.as_array(arrays[1], backend)
     dtypes = [validate.float_dtype("input", x)]
