@@ -305,6 +305,43 @@ def test_large_float32_accuracy(rng):
     np.testing.assert_allclose(lf.cross_entropy(x, t), expected, rtol=1e-6)
 
 
+# -- the fast path (KernelSpec.fast) ----------------------------------------------------------
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("shape", [(64, 10), (300, 100), (PARALLEL_MIN // 8, 16)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_is_the_general_path(name, shape, dtype, rng):
+    # with no options the call takes the kernel's fast path; naming a default option takes
+    # the general one: the same kernel with the same arguments, so the same bits
+    x, t = case(rng, shape, dtype=dtype)
+    loss = lf.get(name)
+    fast_value, fast_grad = loss.value_and_grad(x, t)
+    value, grad = loss.value_and_grad(x, t, reduction="mean")
+    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
+    assert fast_grad.dtype == grad.dtype and fast_grad.tobytes() == grad.tobytes()
+    out = np.full_like(x, np.nan)
+    fast_value, fast_grad = loss.value_and_grad(x, t, out=out)
+    assert fast_grad is out and out.tobytes() == grad.tobytes()
+    assert fast_value.tobytes() == value.tobytes()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_fast_path_leaves_the_rest_to_the_general_path(name, rng):
+    loss = lf.get(name)
+    x, t = case(rng, (6, 4))
+    expected = REFS[name](x, t)
+    # inputs and outputs it does not take as they are: the general path's results or errors
+    for args in [(x, t.astype(np.int32)), (np.asfortranarray(x), t), (x.tolist(), t)]:
+        np.testing.assert_allclose(loss.value_and_grad(*args)[0], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        loss.value_and_grad(x, t, out=np.empty((4, 6)).T)
+    with pytest.raises(TypeError, match="dtype float64, got float32"):
+        loss.value_and_grad(x, t, out=np.empty((6, 4), np.float32))
+    with pytest.raises(IndexError, match="target 9 is out of bounds"):
+        loss.value_and_grad(x, np.array([0, 1, 9, 2, 0, 1]))
+    value, grad = loss.value_and_grad(x, np.full(6, -100))  # all ignored: nan, zero gradient
+    assert np.isnan(value) and not grad.any()
+
+
 # -- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
 @pytest.mark.parametrize("bad", [5, -3, 100])

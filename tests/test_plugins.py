@@ -275,6 +275,36 @@ def test_override_replaces_a_builtin_kernel():
     assert lf.mse_loss(np.ones(3), np.zeros(3), reduction="sum") == 3.0  # the global one
 
 
+def test_override_also_replaces_the_fast_path():
+    # the multi-class kernels come with a fast path; a plugin replacing the kernel without
+    # one gets its own kernel on every call, the fast path's case included
+    import lossforge_multiclass
+
+    class OverrideCrossEntropy:
+        @hookimpl(tryfirst=True)
+        def lossforge_kernels(self):
+            yield KernelSpec("cross_entropy", "cpu", lambda p, *args: 42.0)
+
+    registry = registry_with(OverrideCrossEntropy())
+    registry.register(lossforge_multiclass, "multiclass")
+    x, t = np.ones((4, 3)), np.zeros(4, np.int64)
+    assert registry.get("cross_entropy").value_and_grad(x, t)[0] == 42.0 / 4
+    assert lf.cross_entropy.value_and_grad(x, t)[0] == pytest.approx(np.log(3))
+
+
+def test_unloadable_fast_path_names_the_plugin():
+    class Missing:
+        @hookimpl(tryfirst=True)
+        def lossforge_kernels(self):
+            yield KernelSpec("mse_loss", "cpu", lambda p, *args: 1.0, fast="no_such_module:f")
+
+    registry = registry_with(Missing())
+    with pytest.raises(
+        PluginError, match="plugin 'missing': cannot load the fast path of 'mse_loss'"
+    ):
+        registry.get("mse_loss").value_and_grad(np.ones(3), np.zeros(3))
+
+
 def test_kernel_failures_name_the_plugin():
     with pytest.warns(PluginWarning, match="supplies a cpu kernel for unknown loss 'no_such_loss'"):
         registry = registry_with(BadKernels())

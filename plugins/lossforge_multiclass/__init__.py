@@ -18,9 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
-from lossforge_multiclass.cpu import check_targets
-
-_F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
+from lossforge_multiclass.cpu import IGNORE_INDEX, check_targets, ready_rows
 
 _SHAPE = """
     Shape:
@@ -68,26 +66,11 @@ def _prepare(name, arrays, options, backend):
     )
 
 
-def _ready_rows(arrays, options, backend):
-    """The dtype when the arguments are already what the kernels take (a C-contiguous
-    float32/float64 NumPy ``(N, C)`` input, int64 ``(N)`` class indices, no weight), else
-    ``None``: ``_normalise`` then checks and converts them."""
-    x, t = arrays
-    if backend != "cpu" or type(x) is not np.ndarray or type(t) is not np.ndarray:
-        return None
-    dtype = x.dtype
-    if (dtype is not _F32 and dtype is not _F64) or t.dtype is not _I64:
-        return None
-    if x.ndim != 2 or t.shape != x.shape[:1] or options["weight"] is not None:
-        return None
-    return dtype if x.flags.c_contiguous and t.flags.c_contiguous else None
-
-
 def _normalise(name, arrays, options, backend):
     """(input shape, rows of logits, targets, weight, moved shape or None, probability
     targets?, input dtype, compute dtype, result dtype): the arguments checked and converted
     to what the kernels take."""
-    ready = _ready_rows(arrays, options, backend)
+    ready = ready_rows(*arrays) if backend == "cpu" and options["weight"] is None else None
     if ready is not None:  # the common case, kept cheap: nothing to convert or move
         x, t = arrays
         return x.shape, x, t, validate.no_weight(ready, backend), None, False, ready, ready, ready
@@ -210,7 +193,12 @@ SPECS = [
         family="multiclass",
         arguments=("input", "target"),
         differentiable=("input",),
-        options={"weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0},
+        options={
+            "weight": None,
+            "ignore_index": IGNORE_INDEX,
+            "reduction": "mean",
+            "label_smoothing": 0.0,
+        },
         prepare=_prepare_cross_entropy,
         reference=_ref_cross_entropy,
         example=_example_cross_entropy,
@@ -230,7 +218,7 @@ SPECS = [
         family="multiclass",
         arguments=("input", "target"),
         differentiable=("input",),
-        options={"weight": None, "ignore_index": -100, "reduction": "mean"},
+        options={"weight": None, "ignore_index": IGNORE_INDEX, "reduction": "mean"},
         prepare=_prepare_nll,
         reference=_ref_nll,
         example=_example,
@@ -249,7 +237,7 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for backend in ("cpu", "cuda"):
-        module = f"lossforge_multiclass.{backend}"
-        yield KernelSpec("cross_entropy", backend, f"{module}:cross_entropy")
-        yield KernelSpec("nll_loss", backend, f"{module}:nll_loss")
+    for name in ("cross_entropy", "nll_loss"):
+        cpu = "lossforge_multiclass.cpu"
+        yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
+        yield KernelSpec(name, "cuda", f"lossforge_multiclass.cuda:{name}")

@@ -17,6 +17,7 @@ import math
 import numpy as np
 from numba import prange
 
+from lossforge import validate
 from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, ordered_sum, parallel_kernel, tree_sum
 
@@ -421,15 +422,75 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
     return total
 
 
+def _index_kernel(classes):
+    """The kernel of cross_entropy with class-index targets, for ``classes`` classes."""
+    return _cross_entropy_few if classes <= FEW_CLASSES else _cross_entropy_index
+
+
 def cross_entropy(p, loss_out, grads, grad_output, scale):
     _, probabilities, ignore_index, smoothing = p.params
     if probabilities:
         return _run(_cross_entropy_probs, p, loss_out, grads, grad_output, scale, smoothing)
-    rows_kernel = (
-        _cross_entropy_few if p.arrays[0].shape[1] <= FEW_CLASSES else _cross_entropy_index
-    )
-    return _run(rows_kernel, p, loss_out, grads, grad_output, scale, ignore_index, smoothing)
+    kernel = _index_kernel(p.arrays[0].shape[1])
+    return _run(kernel, p, loss_out, grads, grad_output, scale, ignore_index, smoothing)
 
 
 def nll_loss(p, loss_out, grads, grad_output, scale):
     return _run(_nll, p, loss_out, grads, grad_output, scale, p.params[2])
+
+
+_F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
+
+#: The default ``ignore_index`` of both losses (their ``LossSpec.options``).
+IGNORE_INDEX = -100
+
+
+def ready_rows(x, t):
+    """The dtype when ``x`` and ``t`` are already what the kernels take: a C-contiguous
+    float32/float64 NumPy ``(N, C)`` input and C-contiguous int64 ``(N)`` class indices;
+    else ``None``."""
+    if type(x) is not np.ndarray or type(t) is not np.ndarray:
+        return None
+    dtype = x.dtype
+    if (dtype is not _F32 and dtype is not _F64) or t.dtype is not _I64:
+        return None
+    if x.ndim != 2 or t.shape != x.shape[:1]:
+        return None
+    return dtype if x.flags.c_contiguous and t.flags.c_contiguous else None
+
+
+def _fast(name, arrays, out):
+    """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
+    weight, no smoothing) on ready NumPy rows: what the general path computes, with the same
+    kernel and arguments, minus its per-call layers. ``None`` for anything else, bad targets
+    and an all-ignored batch included: the general path handles those."""
+    if len(arrays) != 2:
+        return None
+    x, t = arrays
+    dtype = ready_rows(x, t)
+    if dtype is None:
+        return None
+    if out is None:
+        out = np.empty(x.shape, dtype)
+    elif not validate.ready_out(out, x.shape, dtype):
+        return None
+    bad, denominator = _check_targets(t.size, t, x.shape[1], IGNORE_INDEX, None)
+    if bad or not denominator:
+        return None
+    scale = 1.0 / denominator
+    if name == "cross_entropy":
+        kernel = _index_kernel(x.shape[1])
+        total = kernel(x.size, x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
+    else:
+        total = _nll(x.size, x, t, None, IGNORE_INDEX, None, out, None, scale)
+    return dtype.type(total / denominator), out
+
+
+def fast_cross_entropy(arrays, out):
+    """``KernelSpec.fast`` of ``cross_entropy``: see ``_fast``."""
+    return _fast("cross_entropy", arrays, out)
+
+
+def fast_nll_loss(arrays, out):
+    """``KernelSpec.fast`` of ``nll_loss``: see ``_fast``."""
+    return _fast("nll_loss", arrays, out)

@@ -71,12 +71,25 @@ class KernelSpec:
     shapes in ``p.grad_shapes``, to receive ``grad_output * scale * d(loss)/d(argument)``.
     ``grad_output`` is ``None`` (ones) or an array of ``p.value_shape`` (reduction
     ``"none"``). The kernel returns the float sum of the (weighted) per-element losses.
+
+    ``fast`` (optional, CPU kernels only; a callable or an import path) is the whole of
+    ``value_and_grad(*arrays, out=out)`` with every option at its default, for the case its
+    plugin makes cheap (typically NumPy arrays already as the kernel takes them)::
+
+        result = fast(arrays, out)  # (value, gradient), or None: take the general path
+
+    It skips the general path's per-call layers (options, ``prepare``, ``Prepared``, output
+    checks), which cost microseconds, as much as the kernel on small inputs. It must return
+    exactly what the general path returns, and ``None`` for anything else, bad input
+    included (the general path then raises the right error). It is used only with the
+    kernel it comes with: a plugin that replaces the kernel replaces it too.
     """
 
     loss: str
     backend: str
     function: Callable[..., float] | str
     extras: Mapping[str, Any] = field(default_factory=dict)
+    fast: Callable[..., Any] | str | None = None
 
 
 @hookspec

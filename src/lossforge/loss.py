@@ -22,6 +22,7 @@ from lossforge.hookspecs import LossSpec
 # Errors a kernel may raise on purpose (e.g. a class index found out of range); any other
 # exception from a kernel is a plugin's fault and is reported naming the plugin.
 _CONTRACT_ERRORS = (ValueError, TypeError, IndexError, NotImplementedError)
+_UNRESOLVED = object()
 
 
 class Loss:
@@ -49,6 +50,7 @@ class Loss:
         self._defaults = dict(spec.options)
         self._registry = registry
         self._kernels: dict[str, tuple[Any, str]] = {}
+        self._fast: Any = _UNRESOLVED  # KernelSpec.fast of the CPU kernel, resolved once
 
     def __repr__(self) -> str:
         return f"<Loss {self.name} ({self.family}, plugin {self.plugin!r})>"
@@ -78,6 +80,14 @@ class Loss:
         self, *arrays: Any, grad_output: Any = None, out: Any = None, **options: Any
     ) -> tuple[Any, Any]:
         """``(value, grad)`` from one fused pass; ``out=`` receives the gradient."""
+        if not options and grad_output is None:  # the kernel's own fast path, if it has one
+            fast = self._fast
+            if fast is _UNRESOLVED:
+                fast = self._fast = self._registry.fast_path(self.name)
+            if fast is not None:
+                result = fast(arrays, out)
+                if result is not None:
+                    return result
         return self._run(arrays, options, True, True, grad_output, out)
 
     def partial(self, *arrays: Any, **options: Any) -> tuple[float, float]:
@@ -136,7 +146,7 @@ class Loss:
                 scale = _divide(g, p.denominator) if p.reduction == "mean" else g
             elif grad_output is not None:
                 go = self._grad_output_array(grad_output, p)
-            if type(out) is np.ndarray and _ready_out(out, p):  # the common case, kept cheap
+            if _ready_out(out, p):  # the common case, kept cheap
                 grads = finals = (out,)
             else:
                 grads, finals = self._grad_buffers(p, out)
@@ -223,12 +233,9 @@ class Loss:
 def _ready_out(out: np.ndarray, p: Any) -> bool:
     """Whether a NumPy ``out`` is the one gradient, exactly as the kernel writes it; any other
     ``out`` goes through ``_check_out``, which says what is wrong with it."""
-    if p.backend != "cpu" or len(p.grad_shapes) != 1:
+    if p.backend != "cpu" or len(p.grad_shapes) != 1 or p.result_dtypes[1] is not p.dtype:
         return False
-    if out.dtype is not p.dtype or p.result_dtypes[1] is not p.dtype:
-        return False
-    flags = out.flags
-    return out.shape == p.grad_shapes[0] and flags.c_contiguous and flags.writeable
+    return validate.ready_out(out, p.grad_shapes[0], p.dtype)
 
 
 def _divide(a: float, b: float) -> float:

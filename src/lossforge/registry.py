@@ -225,17 +225,28 @@ class Registry:
                 f"supplies: {', '.join(have) or 'none'})"
             )
         spec, plugin = found
-        function = spec.function
-        if isinstance(function, str):
-            try:
-                module, _, attr = function.partition(":")
-                function = getattr(importlib.import_module(module), attr)
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {plugin!r}: cannot load the {backend} kernel of {name!r} "
-                    f"from {spec.function!r}: {exc!r}"
-                ) from exc
-        return function, plugin
+        return self._load(spec.function, spec, plugin, f"the {backend} kernel"), plugin
+
+    def fast_path(self, name: str) -> Any:
+        """The ``fast`` callable that comes with the CPU kernel of loss ``name``, or None."""
+        self.ensure_loaded()
+        found = self.kernels.get((name, "cpu"))
+        if found is None or found[0].fast is None:
+            return None
+        spec, plugin = found
+        return self._load(spec.fast, spec, plugin, "the fast path")
+
+    @staticmethod
+    def _load(function: Any, spec: KernelSpec, plugin: str, what: str) -> Any:
+        if not isinstance(function, str):
+            return function
+        try:
+            module, _, attr = function.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {plugin!r}: cannot load {what} of {spec.loss!r} from {function!r}: {exc!r}"
+            ) from exc
 
 
 registry = Registry()

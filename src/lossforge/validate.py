@@ -138,6 +138,15 @@ def as_index(name: str, array: Any, backend: str) -> Any:
     return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
 
 
+def ready_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether ``out`` is a NumPy array a kernel can write a gradient of ``shape`` and native
+    ``dtype`` into as it is (C-contiguous, writeable); anything else gets checked in full."""
+    if type(out) is not np.ndarray or out.dtype is not dtype or out.shape != shape:
+        return False
+    flags = out.flags
+    return flags.c_contiguous and flags.writeable
+
+
 def moveaxis(array: Any, source: int, destination: int, backend: str) -> Any:
     """``np.moveaxis`` on either backend (a view, not a copy)."""
     if backend == "cpu":
