@@ -318,6 +318,37 @@ def test_read_only_out(rng):
         lf.mse_loss.value_and_grad(x, y, out=out)
 
 
+# -- the fast path (KernelSpec.fast) --------------------------------------------------------
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("shape", [(), (1000,), (3, 5, 7), (PARALLEL_MIN + 5,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_is_the_general_path(name, shape, dtype, rng):
+    # no options: the kernel's fast path; a default option named: the general path
+    x, y = data(rng, shape, dtype)
+    loss = lf.get(name)
+    fast_value, fast_grad = loss.value_and_grad(x, y)
+    value, grad = loss.value_and_grad(x, y, reduction="mean")
+    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
+    assert fast_grad.shape == grad.shape and fast_grad.tobytes() == grad.tobytes()
+    out = np.full_like(x, np.nan)
+    assert loss.value_and_grad(x, y, out=out)[1] is out and out.tobytes() == grad.tobytes()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_fast_path_leaves_the_rest_to_the_general_path(name, rng):
+    loss = lf.get(name)
+    x, y = data(rng, (4, 6))
+    for args in [(x, y.astype(np.float32)), (np.asfortranarray(x), y), (x.tolist(), y)]:
+        expected = ref(name, *map(np.asarray, args))[0]
+        np.testing.assert_allclose(loss.value_and_grad(*args)[0], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        loss.value_and_grad(x, y[:, :3])
+    with pytest.raises(TypeError, match="dtype float64, got float32"):
+        loss.value_and_grad(x, y, out=np.empty((4, 6), np.float32))
+    value, grad = loss.value_and_grad(np.empty(0), np.empty(0))  # empty: nan
+    assert np.isnan(value) and grad.shape == (0,)
+
+
 # -- bad input (API.md section 5) ------------------------------------------------------------
 @pytest.mark.parametrize("name", LOSSES)
 def test_bad_reduction(name, rng):

@@ -16,6 +16,8 @@ import numpy as np
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3  # the kernels' switch (see cpu.py)
+#: The default ``beta`` of smooth_l1_loss and ``delta`` of huber_loss.
+DEFAULT_BETA = DEFAULT_DELTA = 1.0
 
 _SHAPE = """
     Shape:
@@ -137,7 +139,7 @@ SPECS = [
         family="regression",
         arguments=("input", "target"),
         differentiable=("input",),
-        options={"reduction": "mean", "beta": 1.0},
+        options={"reduction": "mean", "beta": DEFAULT_BETA},
         prepare=_prepare_smooth_l1,
         reference=_ref_smooth_l1,
         example=_example,
@@ -150,7 +152,7 @@ SPECS = [
         family="regression",
         arguments=("input", "target"),
         differentiable=("input",),
-        options={"reduction": "mean", "delta": 1.0, "weight": None},
+        options={"reduction": "mean", "delta": DEFAULT_DELTA, "weight": None},
         prepare=_prepare_huber,
         reference=_ref_huber,
         example=_example,
@@ -170,5 +172,10 @@ def lossforge_losses():
 @hookimpl
 def lossforge_kernels():
     for spec in SPECS:
-        yield KernelSpec(spec.name, "cpu", "lossforge_regression.cpu:regression")
+        yield KernelSpec(
+            spec.name,
+            "cpu",
+            "lossforge_regression.cpu:regression",
+            fast=f"lossforge_regression.cpu:fast_{spec.name}",
+        )
         yield KernelSpec(spec.name, "cuda", "lossforge_regression.cuda:regression")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from lossforge import validate
 from lossforge.runtime.cpu import (
     BLOCK,
     CHUNK,
@@ -20,6 +21,7 @@ from lossforge.runtime.cpu import (
     parallel_kernel,
     tree_sum,
 )
+from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
@@ -109,3 +111,39 @@ def regression(p, loss_out, grads, grad_output, scale):
         _flat(grad_output) if grads else None,
         scale,
     )
+
+
+def _fast(kind, param, arrays, out):
+    """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
+    weight) on ready NumPy arrays (``validate.ready_arrays``): what the general path computes,
+    with the same kernel and arguments, minus its per-call layers (see ``KernelSpec.fast``).
+    ``None`` for anything else, an empty input included."""
+    if len(arrays) != 2:
+        return None
+    dtype = validate.ready_arrays(arrays)
+    if dtype is None or arrays[0].size == 0:
+        return None
+    x, y = arrays
+    if out is None:
+        out = np.empty(x.shape, dtype)
+    elif not validate.ready_out(out, x.shape, dtype):
+        return None
+    n = x.size
+    total = _regression(n, kind, x.ravel(), y.ravel(), None, param, None, out.ravel(), None, 1 / n)
+    return dtype.type(total / n), out
+
+
+def fast_mse_loss(arrays, out):
+    return _fast(MSE, 0.0, arrays, out)
+
+
+def fast_l1_loss(arrays, out):
+    return _fast(L1, 0.0, arrays, out)
+
+
+def fast_smooth_l1_loss(arrays, out):
+    return _fast(SMOOTH_L1, DEFAULT_BETA, arrays, out)
+
+
+def fast_huber_loss(arrays, out):
+    return _fast(HUBER, DEFAULT_DELTA, arrays, out)

@@ -191,7 +191,7 @@ def no_weight(dtype: np.dtype, backend: str) -> Any:
     return dispatch.empty((0,), dtype, backend)
 
 
-def _same_ready_arrays(arrays: Sequence[Any]) -> np.dtype | None:
+def ready_arrays(arrays: Sequence[Any]) -> np.dtype | None:
     """The dtype when every array is already what kernels want (NumPy, C-contiguous, native
     float32 or float64, one dtype and shape): the common case skips normalisation."""
     first = arrays[0]
@@ -225,7 +225,7 @@ def elementwise(
     length-0 array of the compute dtype when not given, so kernels have one signature.
     """
     if backend == "cpu" and weight is None:
-        fast = _same_ready_arrays(arrays)
+        fast = ready_arrays(arrays)
         if fast is not None:
             return (
                 list(arrays),
