@@ -216,7 +216,7 @@ def test_warmup_one_loss():
     assert [(w.loss, w.dtype, w.variant, w.call) for w in done] == [
         ("mse_loss", "float32", v, c)
         for v in ("serial", "parallel")
-        for c in ("value", "value_and_grad")
+        for c in ("value", "value_and_grad", "value_and_grad (defaults)")
     ]
     assert lines == [str(w) for w in done] and all(w.seconds >= 0 for w in done)
     # Both variants of the regression kernel now hold a float32 signature.
@@ -235,9 +235,13 @@ def test_warmup_reductions_and_bad_names():
     assert {w.call for w in done} == {
         "value",
         "value_and_grad",
+        "value_and_grad (defaults)",
         "value (none)",
         "value_and_grad (none)",
     }
+    # the fast path's compiled check-and-kernel is among what was compiled
+    fast = importlib.import_module("lossforge_multiclass.cpu")._checked_nll_loss
+    assert any("float64" in str(s) for s in fast.signatures)
     similarity = warmup(["cosine_similarity"], dtypes=("float64",), reductions=("mean", "none"))
     assert len(similarity) == 4  # not reduced: one set of variants
     with pytest.raises(KeyError):

@@ -306,6 +306,12 @@ def test_large_float32_accuracy(rng):
 
 
 # -- the fast path (KernelSpec.fast) ----------------------------------------------------------
+def cpu_module(family, attribute):
+    import importlib
+
+    return getattr(importlib.import_module(f"lossforge_{family}.cpu"), attribute)
+
+
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
 @pytest.mark.parametrize("shape", [(64, 10), (300, 100), (PARALLEL_MIN // 8, 16)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -314,6 +320,8 @@ def test_fast_path_is_the_general_path(name, shape, dtype, rng):
     # the general one: the same kernel with the same arguments, so the same bits
     x, t = case(rng, shape, dtype=dtype)
     loss = lf.get(name)
+    taken = cpu_module("multiclass", f"fast_{name}")((x, t), None) is not None
+    assert taken == (x.size < PARALLEL_MIN)  # small inputs; large ones: the general path
     fast_value, fast_grad = loss.value_and_grad(x, t)
     value, grad = loss.value_and_grad(x, t, reduction="mean")
     assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()

@@ -19,7 +19,16 @@ from numba import prange
 
 from lossforge import validate
 from lossforge.runtime import mathfn
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, jit, ordered_sum, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import (
+    BLOCK,
+    CHUNK,
+    PARALLEL_MIN,
+    inline,
+    jit,
+    ordered_sum,
+    parallel_kernel,
+    tree_sum,
+)
 
 
 def check_targets(t, classes, ignore_index, w):
@@ -222,20 +231,22 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     off = smoothing / classes if classes else 0.0
     total_weight = _total_weight(w, classes)
     for c in prange(chunks):
+        first = c * per_chunk
+        end = min(first + per_chunk, rows)
         # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64.
-        # Two allocations, sliced: on small inputs each allocation costs as much as a row.
-        narrow = np.empty((2 * classes + 3, ROW_BLOCK), z.dtype)
+        # Two allocations, sliced and no longer than the chunk: on small inputs allocating
+        # and zeroing cost as much as the rows.
+        block = min(ROW_BLOCK, end - first)
+        narrow = np.empty((2 * classes + 3, block), z.dtype)
         zt = narrow[:classes]  # logits, then the gradient, transposed
         et = narrow[classes : 2 * classes]
         m = narrow[2 * classes]
         row_a = narrow[2 * classes + 1]  # the gradient is row_a e - row_shift w
         row_shift = narrow[2 * classes + 2]
-        wide = np.zeros((3, ROW_BLOCK))
+        wide = np.zeros((3, block))
         sums = wide[0]  # of the exponentials, then their reciprocals
         lse = wide[1]
         wz = wide[2]
-        first = c * per_chunk
-        end = min(first + per_chunk, rows)
         losses = np.zeros(_padded(end - first))  # zero padding: the tree's sum is the same
         for r0 in range(first, end, ROW_BLOCK):
             nb = min(ROW_BLOCK, end - r0)
@@ -459,38 +470,66 @@ def ready_rows(x, t):
     return dtype if x.flags.c_contiguous and t.flags.c_contiguous else None
 
 
-def _fast(name, arrays, out):
+# the serial variants as module globals: compiled code can call those, not attributes
+_check_targets_serial = _check_targets.serial
+_few_serial = _cross_entropy_few.serial
+_index_serial = _cross_entropy_index.serial
+_nll_serial = _nll.serial
+
+
+@jit
+def _checked_cross_entropy(x, t, out):
+    """The serial target check and kernel of a small fast-path call in one compiled call
+    (each call from Python costs about 0.4 us): (sum of the losses, "mean" denominator), the
+    denominator 0 when a target is out of range or all are ignored."""
+    bad, denominator = _check_targets_serial(t, x.shape[1], IGNORE_INDEX, None)
+    if bad or denominator == 0.0:
+        return 0.0, 0.0
+    scale = 1.0 / denominator
+    if x.shape[1] <= FEW_CLASSES:
+        total = _few_serial(x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
+    else:
+        total = _index_serial(x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
+    return total, denominator
+
+
+@jit
+def _checked_nll_loss(x, t, out):
+    """As ``_checked_cross_entropy``, for nll_loss."""
+    bad, denominator = _check_targets_serial(t, x.shape[1], IGNORE_INDEX, None)
+    if bad or denominator == 0.0:
+        return 0.0, 0.0
+    total = _nll_serial(x, t, None, IGNORE_INDEX, None, out, None, 1.0 / denominator)
+    return total, denominator
+
+
+def _fast(checked, arrays, out):
     """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
-    weight, no smoothing) on ready NumPy rows: what the general path computes, with the same
-    kernel and arguments, minus its per-call layers. ``None`` for anything else, bad targets
-    and an all-ignored batch included: the general path handles those."""
+    weight, no smoothing) on small ready NumPy rows: what the general path computes, with the
+    same serial kernel and arguments, minus its per-call layers. ``None`` for anything else
+    (bad targets and an all-ignored batch included) and for inputs that run in parallel,
+    where the layers cost nothing in comparison: the general path handles those."""
     if len(arrays) != 2:
         return None
     x, t = arrays
     dtype = ready_rows(x, t)
-    if dtype is None:
+    if dtype is None or x.size >= PARALLEL_MIN:
         return None
     if out is None:
         out = np.empty(x.shape, dtype)
     elif not validate.ready_out(out, x.shape, dtype):
         return None
-    bad, denominator = _check_targets(t.size, t, x.shape[1], IGNORE_INDEX, None)
-    if bad or not denominator:
+    total, denominator = checked(x, t, out)
+    if not denominator:
         return None
-    scale = 1.0 / denominator
-    if name == "cross_entropy":
-        kernel = _index_kernel(x.shape[1])
-        total = kernel(x.size, x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
-    else:
-        total = _nll(x.size, x, t, None, IGNORE_INDEX, None, out, None, scale)
     return dtype.type(total / denominator), out
 
 
 def fast_cross_entropy(arrays, out):
     """``KernelSpec.fast`` of ``cross_entropy``: see ``_fast``."""
-    return _fast("cross_entropy", arrays, out)
+    return _fast(_checked_cross_entropy, arrays, out)
 
 
 def fast_nll_loss(arrays, out):
     """``KernelSpec.fast`` of ``nll_loss``: see ``_fast``."""
-    return _fast("nll_loss", arrays, out)
+    return _fast(_checked_nll_loss, arrays, out)

@@ -56,7 +56,9 @@ class Warmed:
     loss: str
     dtype: str
     variant: str  # "serial" or "parallel"
-    call: str  # "value", "value_and_grad", "value (none)", "value_and_grad (none)"
+    # "value", "value_and_grad", "value_and_grad (defaults)" (no option named: the fast
+    # path of KernelSpec.fast), "value (none)", "value_and_grad (none)"
+    call: str
     seconds: float
 
     def __str__(self) -> str:
@@ -108,12 +110,17 @@ def warmup(
                         suffix = "" if reduction in ("mean", "sum") else f" ({reduction})"
                     elif reduction != reductions[0]:
                         continue  # not reduced (cosine_similarity): one set of variants
-                    for call in ("value", "value_and_grad"):
+                    calls = ["value", "value_and_grad"]
+                    if loss.reduced and not suffix:  # defaults: the kernel's fast path, if any
+                        calls.append("value_and_grad (defaults)")
+                    for call in calls:
                         start = time.perf_counter()
                         if call == "value":
                             loss(*arrays, **opts)
-                        else:
+                        elif call == "value_and_grad":
                             loss.value_and_grad(*arrays, **opts)
+                        else:
+                            loss.value_and_grad(*arrays, **options)
                         item = Warmed(
                             name, dtype, variant, call + suffix, time.perf_counter() - start
                         )
