@@ -3,6 +3,8 @@ against float64 NumPy references, PyTorch, and finite differences."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -239,6 +241,33 @@ def test_out(rng):
     _, grad = lf.binary_cross_entropy_with_logits.value_and_grad(x, y, out=out)
     assert grad is out
     np.testing.assert_array_equal(out, lf.binary_cross_entropy_with_logits.grad(x, y))
+
+
+# -- the fast path (KernelSpec.fast) --------------------------------------------------------
+@pytest.mark.parametrize("name", BINARY)
+@pytest.mark.parametrize("shape", [(1000,), (3, 5, 7), (PARALLEL_MIN + 5,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_is_the_general_path(name, shape, dtype, rng):
+    # no options: the kernel's fast path; a default option named: the general path
+    x, y = data(name, rng, shape, dtype)
+    fast = getattr(importlib.import_module("lossforge_binary.cpu"), f"fast_{name}")
+    assert fast((x, y), None) is not None  # the call below takes it
+    loss = lf.get(name)
+    fast_value, fast_grad = loss.value_and_grad(x, y)
+    value, grad = loss.value_and_grad(x, y, reduction="mean")
+    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
+    assert fast_grad.shape == grad.shape and fast_grad.tobytes() == grad.tobytes()
+    out = np.full_like(x, np.nan)
+    assert loss.value_and_grad(x, y, out=out)[1] is out and out.tobytes() == grad.tobytes()
+
+
+def test_fast_path_leaves_bad_probabilities_to_the_general_path(rng):
+    x, y = data("binary_cross_entropy", rng, 10)
+    x[4] = 1.5
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match=r"found 1\.5;"):
+        lf.binary_cross_entropy.value_and_grad(x, y, out=out)
+    assert not out.any()
 
 
 # -- bad input ------------------------------------------------------------------------------------

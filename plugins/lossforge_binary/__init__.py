@@ -221,8 +221,10 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
+    for name in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+        cpu = "lossforge_binary.cpu"
+        yield KernelSpec(name, "cpu", f"{cpu}:binary", fast=f"{cpu}:fast_{name}")
+        yield KernelSpec(name, "cuda", "lossforge_binary.cuda:binary")
     for backend in ("cpu", "cuda"):
         module = f"lossforge_binary.{backend}"
-        yield KernelSpec("binary_cross_entropy", backend, f"{module}:binary")
-        yield KernelSpec("binary_cross_entropy_with_logits", backend, f"{module}:binary")
         yield KernelSpec("multilabel_soft_margin_loss", backend, f"{module}:multilabel")

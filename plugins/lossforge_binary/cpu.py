@@ -20,6 +20,7 @@ from lossforge.runtime.cpu import (
     inline,
     ordered_sum,
     parallel_kernel,
+    ready_elementwise,
     tree_sum,
 )
 
@@ -182,3 +183,26 @@ def multilabel(p, loss_out, grads, grad_output, scale):
         rows = elements.reshape(-1, classes).sum(axis=1, dtype=np.float64)
         loss_out.reshape(-1)[...] = rows / classes
     return total / classes if classes else total
+
+
+def _fast(kind, arrays, out):
+    """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
+    weights): the general path's kernel and arguments, minus its per-call layers (see
+    ``KernelSpec.fast``); ``None`` for anything else, a probability outside [0, 1] included."""
+    ready = ready_elementwise(arrays, out)
+    if ready is None:
+        return None
+    x, y, out, grad = ready
+    n = x.size
+    if kind == BCE and _outside_unit(n, x):
+        return None  # the general path names it
+    total = _binary(n, kind, x, y, None, None, None, grad, None, 1 / n)
+    return out.dtype.type(total / n), out
+
+
+def fast_binary_cross_entropy(arrays, out):
+    return _fast(BCE, arrays, out)
+
+
+def fast_binary_cross_entropy_with_logits(arrays, out):
+    return _fast(BCE_LOGITS, arrays, out)

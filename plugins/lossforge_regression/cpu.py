@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from lossforge import validate
 from lossforge.runtime.cpu import (
     BLOCK,
     CHUNK,
@@ -19,6 +18,7 @@ from lossforge.runtime.cpu import (
     inline,
     ordered_sum,
     parallel_kernel,
+    ready_elementwise,
     tree_sum,
 )
 from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
@@ -115,22 +115,14 @@ def regression(p, loss_out, grads, grad_output, scale):
 
 def _fast(kind, param, arrays, out):
     """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
-    weight) on ready NumPy arrays (``validate.ready_arrays``): what the general path computes,
-    with the same kernel and arguments, minus its per-call layers (see ``KernelSpec.fast``).
-    ``None`` for anything else, an empty input included."""
-    if len(arrays) != 2:
+    weight): the general path's kernel and arguments, minus its per-call layers."""
+    ready = ready_elementwise(arrays, out)
+    if ready is None:
         return None
-    dtype = validate.ready_arrays(arrays)
-    if dtype is None or arrays[0].size == 0:
-        return None
-    x, y = arrays
-    if out is None:
-        out = np.empty(x.shape, dtype)
-    elif not validate.ready_out(out, x.shape, dtype):
-        return None
+    x, y, out, grad = ready
     n = x.size
-    total = _regression(n, kind, x.ravel(), y.ravel(), None, param, None, out.ravel(), None, 1 / n)
-    return dtype.type(total / n), out
+    total = _regression(n, kind, x, y, None, param, None, grad, None, 1 / n)
+    return out.dtype.type(total / n), out
 
 
 def fast_mse_loss(arrays, out):

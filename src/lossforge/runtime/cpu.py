@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
+import numpy as np
+
+from lossforge import validate
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
 #: rounding of sums, so it is a constant, not a tuning knob.
@@ -138,6 +141,25 @@ def _renamed(fn: Callable, suffix: str) -> Callable:
     clone.__module__ = fn.__module__
     clone.__doc__ = fn.__doc__
     return clone
+
+
+def ready_elementwise(arrays: tuple[Any, ...], out: Any) -> tuple[Any, ...] | None:
+    """For the ``KernelSpec.fast`` of an element-wise loss of (input, target): when both are
+    NumPy arrays as kernels take them (``validate.ready_arrays``, not empty) and ``out`` is
+    ``None`` or ready too, ``(x, y, out, grad)``: flat views of the arguments, ``out``
+    (allocated if ``None``) and a flat view of it for the kernel to write. Else ``None``: the
+    general path handles the call."""
+    if len(arrays) != 2:
+        return None
+    dtype = validate.ready_arrays(arrays)
+    if dtype is None or arrays[0].size == 0:
+        return None
+    x, y = arrays
+    if out is None:
+        out = np.empty(x.shape, dtype)
+    elif not validate.ready_out(out, x.shape, dtype):
+        return None
+    return x.ravel(), y.ravel(), out, out.ravel()
 
 
 @contextlib.contextmanager
