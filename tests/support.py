@@ -79,6 +79,24 @@ def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
     return {"strided": strided, "fortran": fortran, "readonly": readonly, "bigendian": big}
 
 
+def assert_fast_path_is_general_path(name: str, x: np.ndarray, target: np.ndarray) -> None:
+    """``value_and_grad`` with no option named takes the kernel's fast path (when it has one
+    and takes the input); naming a default option takes the general path: the same kernel
+    with the same arguments, so the same bits, with and without ``out=``."""
+    import lossforge as lf
+
+    loss = lf.get(name)
+    fast_value, fast_grad = loss.value_and_grad(x, target)
+    value, grad = loss.value_and_grad(x, target, reduction="mean")
+    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
+    assert fast_grad.dtype == grad.dtype and fast_grad.shape == grad.shape
+    assert fast_grad.tobytes() == grad.tobytes()
+    out = np.full_like(x, np.nan)
+    fast_value, fast_grad = loss.value_and_grad(x, target, out=out)
+    assert fast_grad is out and out.tobytes() == grad.tobytes()
+    assert fast_value.tobytes() == value.tobytes()
+
+
 def snapshot(*arrays: Any) -> list[np.ndarray]:
     return [np.array(a, copy=True) for a in arrays]
 

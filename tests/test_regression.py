@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from support import (
+    assert_fast_path_is_general_path,
     assert_unchanged,
     finite_difference,
     layouts,
@@ -325,17 +326,10 @@ def test_read_only_out(rng):
 @pytest.mark.parametrize("shape", [(), (1000,), (3, 5, 7), (PARALLEL_MIN + 5,)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_path_is_the_general_path(name, shape, dtype, rng):
-    # no options: the kernel's fast path; a default option named: the general path
     x, y = data(rng, shape, dtype)
-    loss = lf.get(name)
     fast = getattr(importlib.import_module("lossforge_regression.cpu"), f"fast_{name}")
     assert fast((x, y), None) is not None  # the call below takes it
-    fast_value, fast_grad = loss.value_and_grad(x, y)
-    value, grad = loss.value_and_grad(x, y, reduction="mean")
-    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
-    assert fast_grad.shape == grad.shape and fast_grad.tobytes() == grad.tobytes()
-    out = np.full_like(x, np.nan)
-    assert loss.value_and_grad(x, y, out=out)[1] is out and out.tobytes() == grad.tobytes()
+    assert_fast_path_is_general_path(name, x, y)
 
 
 @pytest.mark.parametrize("name", LOSSES)
