@@ -245,8 +245,11 @@ def test_out(rng):
 
 
 # -- the fast path (KernelSpec.fast) --------------------------------------------------------
-@pytest.mark.parametrize("name", BINARY)
-@pytest.mark.parametrize("shape", [(1000,), (3, 5, 7), (PARALLEL_MIN + 5,)])
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [(name, shape) for name in BINARY for shape in [(1000,), (3, 5, 7), (PARALLEL_MIN + 5,)]]
+    + [("multilabel_soft_margin_loss", shape) for shape in [(7,), (64, 10), (PARALLEL_MIN, 3)]],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_path_is_the_general_path(name, shape, dtype, rng):
     x, y = data(name, rng, shape, dtype)

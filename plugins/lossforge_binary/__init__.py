@@ -221,10 +221,8 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for name in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+    for spec in SPECS:
+        kernel = "multilabel" if spec.name == "multilabel_soft_margin_loss" else "binary"
         cpu = "lossforge_binary.cpu"
-        yield KernelSpec(name, "cpu", f"{cpu}:binary", fast=f"{cpu}:fast_{name}")
-        yield KernelSpec(name, "cuda", "lossforge_binary.cuda:binary")
-    for backend in ("cpu", "cuda"):
-        module = f"lossforge_binary.{backend}"
-        yield KernelSpec("multilabel_soft_margin_loss", backend, f"{module}:multilabel")
+        yield KernelSpec(spec.name, "cpu", f"{cpu}:{kernel}", fast=f"{cpu}:fast_{spec.name}")
+        yield KernelSpec(spec.name, "cuda", f"lossforge_binary.cuda:{kernel}")

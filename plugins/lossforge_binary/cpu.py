@@ -206,3 +206,16 @@ def fast_binary_cross_entropy(arrays, out):
 
 def fast_binary_cross_entropy_with_logits(arrays, out):
     return _fast(BCE_LOGITS, arrays, out)
+
+
+def fast_multilabel_soft_margin_loss(arrays, out):
+    """As ``_fast``, for multilabel_soft_margin_loss of an ``(N, C)`` or ``(C)`` input: the
+    logits loss summed over all elements, divided by C and, for ``"mean"``, by N."""
+    ready = ready_elementwise(arrays, out)
+    if ready is None or arrays[0].ndim not in (1, 2):
+        return None
+    x, y, out, grad = ready
+    classes = arrays[0].shape[-1]
+    rows = x.size // classes
+    total = _binary(x.size, BCE_LOGITS, x, y, None, None, None, grad, None, 1 / rows / classes)
+    return out.dtype.type(total / classes / rows), out
