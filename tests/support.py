@@ -79,22 +79,35 @@ def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
     return {"strided": strided, "fortran": fortran, "readonly": readonly, "bigendian": big}
 
 
-def assert_fast_path_is_general_path(name: str, x: np.ndarray, target: np.ndarray) -> None:
+def assert_fast_path_is_general_path(
+    name: str, arrays: Sequence[np.ndarray], named_default: dict[str, Any]
+) -> None:
     """``value_and_grad`` with no option named takes the kernel's fast path (when it has one
-    and takes the input); naming a default option takes the general path: the same kernel
-    with the same arguments, so the same bits, with and without ``out=``."""
+    and takes the input); naming a default option (``named_default``) takes the general
+    path: the same kernel with the same arguments, so the same bits, with and without
+    ``out=``."""
     import lossforge as lf
 
     loss = lf.get(name)
-    fast_value, fast_grad = loss.value_and_grad(x, target)
-    value, grad = loss.value_and_grad(x, target, reduction="mean")
-    assert type(fast_value) is type(value) and fast_value.tobytes() == value.tobytes()
-    assert fast_grad.dtype == grad.dtype and fast_grad.shape == grad.shape
-    assert fast_grad.tobytes() == grad.tobytes()
-    out = np.full_like(x, np.nan)
-    fast_value, fast_grad = loss.value_and_grad(x, target, out=out)
-    assert fast_grad is out and out.tobytes() == grad.tobytes()
-    assert fast_value.tobytes() == value.tobytes()
+    value, grad = loss.value_and_grad(*arrays, **named_default)
+    _assert_same_bits(loss.value_and_grad(*arrays), (value, grad))
+    grads = grad if isinstance(grad, tuple) else (grad,)
+    outs = tuple(np.full_like(g, np.nan) for g in grads)
+    out = outs if isinstance(grad, tuple) else outs[0]
+    fast_value, fast_grad = loss.value_and_grad(*arrays, out=out)
+    _assert_same_bits((fast_value, fast_grad), (value, grad))
+    fast_grads = fast_grad if isinstance(fast_grad, tuple) else (fast_grad,)
+    assert all(f is o for f, o in zip(fast_grads, outs, strict=True))
+
+
+def _assert_same_bits(a: Any, b: Any) -> None:
+    if isinstance(b, tuple):
+        assert type(a) is tuple and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_bits(x, y)
+        return
+    assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+    assert a.tobytes() == b.tobytes()
 
 
 def snapshot(*arrays: Any) -> list[np.ndarray]:

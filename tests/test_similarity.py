@@ -3,11 +3,14 @@ finite differences, for both gradients."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support import (
+    assert_fast_path_is_general_path,
     assert_unchanged,
     finite_difference,
     layouts,
@@ -261,3 +264,33 @@ def test_bad_input(rng):
         lf.cosine_embedding_loss(a, b, np.ones(4), reduction="avg")
     with pytest.raises(TypeError, match="not a reduced loss"):
         lf.cosine_similarity.partial(a, b)
+
+
+# -- the fast path (KernelSpec.fast) --------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 3), (64, 128), (PARALLEL_MIN // 64, 128)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_is_the_general_path(shape, dtype, rng):
+    x1, x2 = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    t = np.where(rng.random(shape[0]) < 0.5, 1, -1).astype(dtype)
+    cpu = importlib.import_module("lossforge_similarity.cpu")
+    assert cpu.fast_cosine_similarity((x1, x2), None) is not None  # the calls below take it
+    assert cpu.fast_cosine_embedding_loss((x1, x2, t), None) is not None
+    assert_fast_path_is_general_path("cosine_similarity", (x1, x2), {"dim": 1})
+    assert_fast_path_is_general_path("cosine_embedding_loss", (x1, x2, t), {"margin": 0.0})
+    assert_fast_path_is_general_path(
+        "cosine_embedding_loss", (x1, x2, t.astype(np.int64)), {"margin": 0.0}
+    )
+
+
+def test_fast_path_leaves_the_rest_to_the_general_path(rng):
+    x1, x2 = rng.standard_normal((2, 4, 3))
+    t = np.array([1.0, -1.0, 1.0, 0.5])
+    value, _ = lf.cosine_similarity.value_and_grad(x1[:, :2], x2[:, :2])  # strided
+    np.testing.assert_allclose(value, ref_cosine(x1[:, :2], x2[:, :2]), rtol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        lf.cosine_embedding_loss.value_and_grad(x1, x2[:, :2], t)
+    out = (np.empty((4, 3)), np.empty((4, 3), np.float32))
+    with pytest.raises(TypeError, match="dtype float64, got float32"):
+        lf.cosine_embedding_loss.value_and_grad(x1, x2, t, out=out)
+    expected = ref_embedding(x1, x2, t)
+    np.testing.assert_allclose(lf.cosine_embedding_loss(x1, x2, t), expected, rtol=1e-12)

@@ -13,6 +13,9 @@ import numpy as np
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
 
+#: The default ``eps`` of cosine_similarity and ``margin`` of cosine_embedding_loss.
+DEFAULT_EPS, DEFAULT_MARGIN = 1e-8, 0.0
+
 
 def _prepare_cosine_similarity(arrays, options, backend):
     (x1, x2), _, dtype, dtypes, shape = validate.elementwise(arrays, ("x1", "x2"), None, backend)
@@ -131,7 +134,7 @@ SPECS = [
         family="similarity",
         arguments=("x1", "x2"),
         differentiable=("x1", "x2"),
-        options={"dim": 1, "eps": 1e-8},
+        options={"dim": 1, "eps": DEFAULT_EPS},
         prepare=_prepare_cosine_similarity,
         reference=_ref_cosine_similarity,
         example=_example_similarity,
@@ -149,7 +152,7 @@ SPECS = [
         family="similarity",
         arguments=("input1", "input2", "target"),
         differentiable=("input1", "input2"),
-        options={"margin": 0.0, "reduction": "mean"},
+        options={"margin": DEFAULT_MARGIN, "reduction": "mean"},
         prepare=_prepare_cosine_embedding,
         reference=_ref_cosine_embedding,
         example=_example_embedding,
@@ -173,7 +176,7 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for backend in ("cpu", "cuda"):
-        module = f"lossforge_similarity.{backend}"
-        yield KernelSpec("cosine_similarity", backend, f"{module}:cosine_similarity")
-        yield KernelSpec("cosine_embedding_loss", backend, f"{module}:cosine_embedding_loss")
+    for name in ("cosine_similarity", "cosine_embedding_loss"):
+        cpu = "lossforge_similarity.cpu"
+        yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
+        yield KernelSpec(name, "cuda", f"lossforge_similarity.cuda:{name}")

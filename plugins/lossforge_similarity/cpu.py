@@ -9,7 +9,9 @@ import math
 import numpy as np
 from numba import prange
 
+from lossforge import validate
 from lossforge.runtime.cpu import BLOCK, CHUNK, inline, ordered_sum, parallel_kernel, tree_sum
+from lossforge_similarity import DEFAULT_EPS, DEFAULT_MARGIN
 
 
 @inline
@@ -157,3 +159,53 @@ def cosine_embedding_loss(p, loss_out, grads, grad_output, scale):
         None if grad_output is None else grad_output.reshape(-1),
         scale,
     )
+
+
+def _ready_pair(x1, x2, out):
+    """``(g1, g2)`` when the inputs are ready ``(N, D)`` NumPy rows (``validate.ready_arrays``,
+    N > 0) and ``out`` is ``None`` (allocated here) or a tuple of two ready gradients; else
+    ``None``."""
+    dtype = validate.ready_arrays((x1, x2))
+    if dtype is None or x1.ndim != 2 or x1.shape[0] == 0:
+        return None
+    if out is None:
+        return np.empty(x1.shape, dtype), np.empty(x1.shape, dtype)
+    if type(out) is not tuple or len(out) != 2:
+        return None
+    if validate.ready_out(out[0], x1.shape, dtype) and validate.ready_out(out[1], x1.shape, dtype):
+        return out
+    return None
+
+
+def fast_cosine_similarity(arrays, out):
+    """``value_and_grad(x1, x2, out=out)`` with the default options (``dim=1``, ``eps``) on
+    ready ``(N, D)`` rows: the general path's kernel and arguments, minus its per-call
+    layers (see ``KernelSpec.fast``); ``None`` for anything else."""
+    if len(arrays) != 2:
+        return None
+    x1, x2 = arrays
+    grads = _ready_pair(x1, x2, out)
+    if grads is None:
+        return None
+    value = np.empty(x1.shape[0], x1.dtype)
+    _cosine_similarity(x1.size, x1, x2, DEFAULT_EPS, value, grads[0], grads[1], None)
+    return value, grads
+
+
+def fast_cosine_embedding_loss(arrays, out):
+    """As ``fast_cosine_similarity``, for cosine_embedding_loss (``margin=0``, ``"mean"``)
+    with a target of shape ``(N)``."""
+    if len(arrays) != 3:
+        return None
+    x1, x2, t = arrays
+    grads = _ready_pair(x1, x2, out)
+    if grads is None or type(t) is not np.ndarray or t.shape != x1.shape[:1]:
+        return None
+    if t.dtype.kind not in "iuf":
+        return None
+    t = np.ascontiguousarray(t, np.float64)  # as prepare converts it
+    rows = x1.shape[0]
+    total = _cosine_embedding(
+        x1.size, x1, x2, t, DEFAULT_MARGIN, None, grads[0], grads[1], None, 1 / rows
+    )
+    return x1.dtype.type(total / rows), grads
