@@ -104,20 +104,12 @@ _MANTISSA = (1 << 52) - 1
 
 
 @numba.njit(**_INLINE)
-def log(x):
-    """Natural logarithm of float64 x."""
-    tiny = x < 2.2250738585072014e-308  # subnormal (or 0, negative): scale into range
-    y = x * 18014398509481984.0 if tiny else x  # 2 ** 54
-    bits = _as_int64(y)
-    e = ((bits >> 52) & 0x7FF) - 1023 - (54 if tiny else 0)
-    m = _as_float64((bits & _MANTISSA) | (1023 << 52))  # in [1, 2)
-    big = m > _SQRT2
-    m = m * 0.5 if big else m
-    e = e + 1 if big else e
-    f = m - 1.0  # in [sqrt(1/2) - 1, sqrt(2) - 1]
+def _log1p_reduced(f):
+    """log(1 + f) for float64 f in [sqrt(1/2) - 1, sqrt(2) - 1], the reduced argument of
+    ``log`` and ``log1p_unit``."""
     s = f / (2.0 + f)
     z = s * s
-    # log(m) = 2 atanh(s) = 2 (s + s**3/3 + ...): terms to s**21, remainder < 2 ** -60
+    # log(1 + f) = 2 atanh(s) = 2 (s + s**3/3 + ...): terms to s**21, remainder < 2 ** -60
     q = 1.0 / 21.0
     q = q * z + 1.0 / 19.0
     q = q * z + 1.0 / 17.0
@@ -129,7 +121,21 @@ def log(x):
     q = q * z + 1.0 / 5.0
     q = q * z + 1.0 / 3.0
     # f - (f - 2s) keeps the leading term exact: 2s = f - f*s
-    logm = f - s * (f - z * 2.0 * q)
+    return f - s * (f - z * 2.0 * q)
+
+
+@numba.njit(**_INLINE)
+def log(x):
+    """Natural logarithm of float64 x."""
+    tiny = x < 2.2250738585072014e-308  # subnormal (or 0, negative): scale into range
+    y = x * 18014398509481984.0 if tiny else x  # 2 ** 54
+    bits = _as_int64(y)
+    e = ((bits >> 52) & 0x7FF) - 1023 - (54 if tiny else 0)
+    m = _as_float64((bits & _MANTISSA) | (1023 << 52))  # in [1, 2)
+    big = m > _SQRT2
+    m = m * 0.5 if big else m
+    e = e + 1 if big else e
+    logm = _log1p_reduced(m - 1.0)
     fe = numba.float64(e)
     result = fe * _LN2_HI + (logm + fe * _LN2_LO)
     result = -math.inf if x == 0.0 else result
@@ -239,6 +245,18 @@ _TWO_F = _F(2.0)
 
 
 @numba.njit(**_INLINE)
+def _log1p_reduced_f32(f):
+    """``_log1p_reduced`` in float32 arithmetic (terms to s**9)."""
+    s = f / (_TWO_F + f)
+    z = s * s
+    q = _F(1.0 / 9.0)
+    q = q * z + _F(1.0 / 7.0)
+    q = q * z + _F(1.0 / 5.0)
+    q = q * z + _F(1.0 / 3.0)
+    return f - s * (f - z * _TWO_F * q)
+
+
+@numba.njit(**_INLINE)
 def log_f32(x):
     """Natural logarithm in float32 arithmetic, within 2 float32 ulp for normal x; edges as
     ``log`` (subnormal inputs are scaled first)."""
@@ -250,14 +268,7 @@ def log_f32(x):
     big = m > _SQRT2_F
     m = m * _HALF_F if big else m
     e = e + 1 if big else e
-    f = m - _ONE_F
-    s = f / (_TWO_F + f)
-    z = s * s
-    q = _F(1.0 / 9.0)
-    q = q * z + _F(1.0 / 7.0)
-    q = q * z + _F(1.0 / 5.0)
-    q = q * z + _F(1.0 / 3.0)
-    logm = f - s * (f - z * _TWO_F * q)
+    logm = _log1p_reduced_f32(m - _ONE_F)
     fe = numba.float32(e)
     result = fe * _LN2_HI_F + (logm + fe * _LN2_LO_F)
     result = _F(-np.inf) if x == _ZERO_F else result
@@ -289,19 +300,7 @@ def log1p_unit(x):
     propagates; outside [0, 1] it is wrong."""
     big = x > _SQRT2_M1
     f = (x - 1.0) * 0.5 if big else x  # 1 + x = 2 (1 + f) or 1 + f, f in (-0.3, 0.42]
-    s = f / (2.0 + f)
-    z = s * s
-    q = 1.0 / 21.0
-    q = q * z + 1.0 / 19.0
-    q = q * z + 1.0 / 17.0
-    q = q * z + 1.0 / 15.0
-    q = q * z + 1.0 / 13.0
-    q = q * z + 1.0 / 11.0
-    q = q * z + 1.0 / 9.0
-    q = q * z + 1.0 / 7.0
-    q = q * z + 1.0 / 5.0
-    q = q * z + 1.0 / 3.0
-    log_f = f - s * (f - z * 2.0 * q)
+    log_f = _log1p_reduced(f)
     return log_f + _LN2 if big else log_f
 
 
@@ -314,13 +313,7 @@ def log1p_unit_f32(x):
     """``log1p_unit`` in float32 arithmetic."""
     big = x > _SQRT2_M1_F
     f = (x - _ONE_F) * _HALF_F if big else x
-    s = f / (_TWO_F + f)
-    z = s * s
-    q = _F(1.0 / 9.0)
-    q = q * z + _F(1.0 / 7.0)
-    q = q * z + _F(1.0 / 5.0)
-    q = q * z + _F(1.0 / 3.0)
-    log_f = f - s * (f - z * _TWO_F * q)
+    log_f = _log1p_reduced_f32(f)
     return log_f + _LN2_F if big else log_f
 
 
