@@ -51,7 +51,7 @@ def _faithful_simulator():
     # Numba's device arrays reshape and ravel only contiguous arrays (they never copy); the
     # simulator's arrays are NumPy arrays that copy silently. Make them refuse as the real
     # ones do, so that a missing as_contiguous shows here. And fix a race in the simulator's
-    # shared arrays (see _shared_array).
+    # shared arrays (see _shared_array). Real device arrays refuse an ellipsis index too.
     if not SIMULATOR:
         yield
         return
@@ -66,7 +66,15 @@ def _faithful_simulator():
 
         return strict
 
+    def no_ellipsis(self, key, value):
+        # A real device array takes no ellipsis (seen on an H200, numba-cuda 0.30.4).
+        if key is Ellipsis or (isinstance(key, tuple) and Ellipsis in key):
+            raise TypeError("unsupported operand type(s) for +: 'ellipsis' and 'int'")
+        return setitem(self, key, value)
+
+    setitem = FakeCUDAArray.__setitem__
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeCUDAArray, "__setitem__", no_ellipsis)
         patch.setattr(FakeCUDAArray, "reshape", refusing(FakeCUDAArray.reshape))
         patch.setattr(FakeCUDAArray, "ravel", refusing(FakeCUDAArray.ravel))
         patch.setattr(FakeCUDAShared, "array", _shared_array)

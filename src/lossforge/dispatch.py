@@ -67,3 +67,13 @@ def empty(shape: tuple[int, ...], dtype: np.dtype, backend: str) -> Any:
     if backend == "cpu":
         return np.empty(shape, dtype)
     return cuda_runtime().empty(shape, dtype)
+
+
+def copy_into(dst: Any, src: Any, backend: str) -> None:
+    """``dst[...] = src``, converting the dtype. Numba's device arrays take neither an
+    ellipsis index nor a dtype conversion in ``__setitem__``; the simulator's (NumPy arrays)
+    take both, so only a real GPU shows the difference."""
+    if backend == "cpu":
+        dst[...] = src
+    else:
+        cuda_runtime().copy_into(dst, src)

@@ -164,7 +164,7 @@ class Loss:
             if finals is not grads:
                 for buffer, final in zip(grads, finals):
                     if final is not buffer:
-                        final[...] = buffer  # float16 results, computed in float32
+                        dispatch.copy_into(final, buffer, p.backend)  # float16 from float32
             if p.backend == "cuda":
                 value, finals = dispatch.cuda_runtime().to_caller(value, finals, arrays)
             return value, (finals[0] if len(finals) == 1 else finals)
