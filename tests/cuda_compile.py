@@ -57,7 +57,7 @@ def signatures(dtype):
         (multiclass._check_targets, (index, i, i, a, scratch)),
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
-        (multiclass._nll, (a, index, a, i, i, a, a, a, f, scratch)),
+        (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
         (similarity._cosine_similarity, (a, a, i, i, f, a, a, a, a, i)),
         (similarity._cosine_embedding, (a, a, f64, i, i, f, a, a, a, a, f, i, scratch)),
     ]

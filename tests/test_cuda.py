@@ -502,6 +502,27 @@ def test_grad_output_on_the_device():
         lf.cross_entropy.grad(dev(x), dev(t), reduction="none", grad_output=dev(np.ones(4)))
 
 
+@pytest.mark.parametrize("tail", [0, 3, 4 * rt.THREADS * rt.MAX_BLOCKS - 1])
+def test_grid_stride_rounds_and_their_tail(tail):
+    # The element-wise kernels take four elements a thread a round, then one at a time:
+    # sizes of whole rounds, and rounds plus a tail shorter than a grid and up to four grids.
+    grid = rt.THREADS * rt.MAX_BLOCKS
+    n = 2 * 4 * grid + tail
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=n), rng.normal(size=n)
+    check("mse_loss", (x, y), grad_output=rng.normal(size=n), reduction="none")
+    check("huber_loss", (x, y), weight=rng.random(n))
+    p = rng.random(n)
+    check("binary_cross_entropy", (p, rng.random(n)))
+    check("binary_cross_entropy_with_logits", (x, rng.random(n)), pos_weight=rng.random(n))
+    # Two in one thread's round (its second and fourth elements), one in the last element.
+    p[[grid + 5, 3 * grid + 5, n - 1]] = [1.5, -2.0, 3.0]
+    with pytest.raises(ValueError, match="1.5"):
+        lf.binary_cross_entropy(dev(p), dev(y))
+    x, t = _classes(np.random.default_rng(12), np.float64, n=n // 3 + 1, c=3, ignored=2)
+    check("nll_loss", (x, t), ignore_index=2)
+
+
 def test_deterministic_from_run_to_run():
     rng = np.random.default_rng(8)
     x, t = _classes(rng, np.float32, n=40, c=7)

@@ -1,8 +1,8 @@
 """CUDA kernels of the binary and multi-label losses, the CPU kernels' formulas (``cpu.py``)
 in float64 with deterministic per-block partials (``lossforge.runtime.cuda``).
 
-``binary_cross_entropy``/``binary_cross_entropy_with_logits``: one element per thread in a
-grid-stride loop. The [0, 1] check of ``binary_cross_entropy`` is made in the same pass: each
+``binary_cross_entropy``/``binary_cross_entropy_with_logits``: a grid-stride loop, four
+elements a thread a round. The [0, 1] check of ``binary_cross_entropy`` is made in the same pass: each
 block flags the first input outside [0, 1] it saw, and the call raises ``ValueError`` naming
 the first one in memory order (as the CPU's separate pass does).
 
@@ -47,36 +47,68 @@ def _element(kind, x, y, pw):
     return loss, (pw * y + 1.0 - y) * _sigmoid(x) - pw * y
 
 
+@rt.device
+def _store(kind, i, xi, yi, w, pw, loss_out, grad_out, go, scale):
+    """Element ``i``'s loss and gradient written out; returns ``(loss, whether x is outside
+    [0, 1] for binary_cross_entropy)``."""
+    xi = float64(xi)
+    outside = kind == BCE and (xi < 0.0 or xi > 1.0)
+    if outside:
+        loss = g = math.nan  # the call raises
+    else:
+        p = float64(pw[i]) if pw.size > 0 else 1.0
+        loss, g = _element(kind, xi, float64(yi), p)
+    if w.size > 0:
+        loss *= float64(w[i])
+        g *= float64(w[i])
+    if loss_out.size > 0:
+        loss_out[i] = loss
+    if grad_out.size > 0:
+        if go.size > 0:
+            g *= float64(go[i])
+        grad_out[i] = g * scale
+    return loss, outside
+
+
 @rt.kernel
 def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale, scratch):
     sa = cuda.shared.array(THREADS, float64)
     sb = cuda.shared.array(THREADS, float64)
-    weighted = w.size > 0
-    positive = pw.size > 0
-    want_loss = loss_out.size > 0
-    want_grad = grad_out.size > 0
-    upstream = go.size > 0
     acc = 0.0
-    bad = NO_FLAG
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        xi = float64(x[i])
-        if kind == BCE and (xi < 0.0 or xi > 1.0):
-            if bad == NO_FLAG:
-                bad = float64(i)  # a thread's indices increase: its first is its smallest
-            loss = g = math.nan  # the call raises
-        else:
-            p = float64(pw[i]) if positive else 1.0
-            loss, g = _element(kind, xi, float64(y[i]), p)
-        if weighted:
-            loss *= float64(w[i])
-            g *= float64(w[i])
-        if want_loss:
-            loss_out[i] = loss
-        if want_grad:
-            if upstream:
-                g *= float64(go[i])
-            grad_out[i] = g * scale
+    bad = NO_FLAG  # a thread's indices increase: its first flagged is its smallest
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.size
+    # Four elements a round, loaded before the first store (see the regression kernel).
+    while i + 3 * step < n:
+        x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
+        y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
+        loss, outside = _store(kind, i, x0, y0, w, pw, loss_out, grad_out, go, scale)
         acc += loss
+        if outside and bad == NO_FLAG:
+            bad = float64(i)
+        i += step
+        loss, outside = _store(kind, i, x1, y1, w, pw, loss_out, grad_out, go, scale)
+        acc += loss
+        if outside and bad == NO_FLAG:
+            bad = float64(i)
+        i += step
+        loss, outside = _store(kind, i, x2, y2, w, pw, loss_out, grad_out, go, scale)
+        acc += loss
+        if outside and bad == NO_FLAG:
+            bad = float64(i)
+        i += step
+        loss, outside = _store(kind, i, x3, y3, w, pw, loss_out, grad_out, go, scale)
+        acc += loss
+        if outside and bad == NO_FLAG:
+            bad = float64(i)
+        i += step
+    while i < n:
+        loss, outside = _store(kind, i, x[i], y[i], w, pw, loss_out, grad_out, go, scale)
+        acc += loss
+        if outside and bad == NO_FLAG:
+            bad = float64(i)
+        i += step
     rt.write_partials(sa, sb, scratch, acc, bad)
 
 

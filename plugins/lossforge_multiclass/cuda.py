@@ -6,7 +6,7 @@ CPU kernels' formulas (``cpu.py``) in float64 with deterministic per-block parti
 one thread for very short rows, up to a whole block for long ones). The group reads the row
 three times (maximum, sum of exponentials, gradient), coalesced along the row, reduces with
 fixed trees in shared memory, and writes the gradient once. ``nll_loss`` reads one logit per
-row and writes its (mostly zero) gradient element-wise, coalesced.
+row and writes its (mostly zero) gradient by the same groups of threads, coalesced.
 
 ``check_targets`` is the device pass ``prepare`` runs for class-index targets: the "mean"
 denominator (count or summed class weights of the counted targets) and the first target
@@ -189,7 +189,7 @@ def _cross_entropy_probs(
 
 
 @rt.kernel
-def _nll(x, t, w, classes, ignore_index, loss_out, grad_out, go, scale, scratch):
+def _nll(x, t, w, classes, ignore_index, loss_out, grad_out, go, scale, lanes, scratch):
     sa = cuda.shared.array(THREADS, float64)
     sb = cuda.shared.array(THREADS, float64)
     rows = t.size
@@ -207,15 +207,23 @@ def _nll(x, t, w, classes, ignore_index, loss_out, grad_out, go, scale, scratch)
             loss_out[i] = loss
         acc += loss
     if grad_out.size > 0:
-        for e in range(cuda.grid(1), rows * classes, cuda.gridsize(1)):
-            i = e // classes
-            k = t[i]
-            v = 0.0
-            if k != ignore_index and e - i * classes == k:
-                wt = float64(w[k]) if weighted else 1.0
-                g = scale * float64(go[i]) if upstream else scale
-                v = -wt * g
-            grad_out[e] = v
+        # By groups of threads along rows (as cross_entropy), not element-wise: finding an
+        # element's row takes a 64-bit division, which the GPU does in software (nll's
+        # gradient pass ran at a fifth of the memory bandwidth that way).
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        per_block = THREADS // lanes
+        for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+            i = base + tid // lanes
+            if i < rows:
+                k = t[i]
+                v = 0.0
+                if k != ignore_index:
+                    wt = float64(w[k]) if weighted else 1.0
+                    v = -wt * (scale * float64(go[i]) if upstream else scale)
+                row = i * classes
+                for j in range(lane, classes, lanes):
+                    grad_out[row + j] = v if j == k else 0.0
     rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
@@ -289,12 +297,13 @@ def nll_loss(p, loss_out, grads, grad_output, scale):
     if rows == 0:
         return 0.0
     blocks = rt.blocks_for(max(rows, rows * classes))
+    lanes = rt.rows_config(rows, classes)[0]
     scratch = rt.partials(blocks)
     go = _upstream(grads, grad_output, p.dtype)
 
     def launch(x, t, w, loss, grad):
         _nll[blocks, THREADS, rt.stream()](
-            x, t, w, classes, p.params[2], loss, grad, go, float(scale), scratch
+            x, t, w, classes, p.params[2], loss, grad, go, float(scale), lanes, scratch
         )
         return scratch
 

@@ -1,6 +1,6 @@
-"""CUDA kernels of the regression family: the CPU kernel's fused pass (``cpu.py``), one
-element per thread in a grid-stride loop (coalesced loads and stores), float64 arithmetic,
-and the per-element losses summed into deterministic per-block partials
+"""CUDA kernels of the regression family: the CPU kernel's fused pass (``cpu.py``) in a
+grid-stride loop, four elements a thread a round (coalesced loads and stores), float64
+arithmetic, and the per-element losses summed into deterministic per-block partials
 (``lossforge.runtime.cuda``). Imported on the first CUDA call only.
 """
 
@@ -35,27 +35,48 @@ def _element(kind, d, param, inverse):
     return loss, g
 
 
+@rt.device
+def _store(kind, i, xi, yi, w, param, inverse, loss_out, grad_out, go, scale):
+    """Element ``i``'s loss and gradient written out; returns its loss."""
+    loss, g = _element(kind, float64(xi) - float64(yi), param, inverse)
+    if w.size > 0:
+        loss *= float64(w[i])
+        g *= float64(w[i])
+    if loss_out.size > 0:
+        loss_out[i] = loss
+    if grad_out.size > 0:
+        if go.size > 0:
+            g *= float64(go[i])
+        grad_out[i] = g * scale
+    return loss
+
+
 @rt.kernel
 def _regression(kind, x, y, w, param, inverse, loss_out, grad_out, go, scale, scratch):
     sa = cuda.shared.array(THREADS, float64)
     sb = cuda.shared.array(THREADS, float64)
-    weighted = w.size > 0
-    want_loss = loss_out.size > 0
-    want_grad = grad_out.size > 0
-    upstream = go.size > 0
     acc = 0.0
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        loss, g = _element(kind, float64(x[i]) - float64(y[i]), param, inverse)
-        if weighted:
-            loss *= float64(w[i])
-            g *= float64(w[i])
-        if want_loss:
-            loss_out[i] = loss
-        if want_grad:
-            if upstream:
-                g *= float64(go[i])
-            grad_out[i] = g * scale
-        acc += loss
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = x.size
+    # Four elements a round, all loaded before the first store: a store may alias the next
+    # element's input, so the compiler cannot hoist those loads itself, and one load pair in
+    # flight a thread leaves the memory bus half idle (H200: 2.2 TB/s of 4.8). The sum is
+    # taken in the same grid-stride order as one element a round.
+    while i + 3 * step < n:
+        x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
+        y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
+        acc += _store(kind, i, x0, y0, w, param, inverse, loss_out, grad_out, go, scale)
+        i += step
+        acc += _store(kind, i, x1, y1, w, param, inverse, loss_out, grad_out, go, scale)
+        i += step
+        acc += _store(kind, i, x2, y2, w, param, inverse, loss_out, grad_out, go, scale)
+        i += step
+        acc += _store(kind, i, x3, y3, w, param, inverse, loss_out, grad_out, go, scale)
+        i += step
+    while i < n:
+        acc += _store(kind, i, x[i], y[i], w, param, inverse, loss_out, grad_out, go, scale)
+        i += step
     rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
