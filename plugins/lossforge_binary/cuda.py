@@ -2,9 +2,9 @@
 in float64 with deterministic per-block partials (``lossforge.runtime.cuda``).
 
 ``binary_cross_entropy``/``binary_cross_entropy_with_logits``: a grid-stride loop, four
-elements a thread a round. The [0, 1] check of ``binary_cross_entropy`` is made in the same pass: each
-block flags the first input outside [0, 1] it saw, and the call raises ``ValueError`` naming
-the first one in memory order (as the CPU's separate pass does).
+elements a thread a round. The [0, 1] check of ``binary_cross_entropy`` is made in the same
+pass: each block flags the first input outside [0, 1] it saw, and the call raises
+``ValueError`` naming the first one in memory order (as the CPU's separate pass does).
 
 ``multilabel_soft_margin_loss``: rows of classes, each row summed by a group of threads (a
 whole block for long rows) with a fixed tree; the gradient is element-wise and coalesced.
