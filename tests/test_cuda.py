@@ -523,6 +523,22 @@ def test_grid_stride_rounds_and_their_tail(tail):
     check("nll_loss", (x, t), ignore_index=2)
 
 
+def test_partials_read_back_are_reused_and_carry_nothing_over():
+    # A reduced call's per-block partials are reused by this thread's next launch of the same
+    # grid once read back: a flagged element of a failed call must not leak into the next.
+    rng = np.random.default_rng(13)
+    n = 200
+    p, y = rng.random(n), rng.random(n)
+    p[150] = 1.5
+    with pytest.raises(ValueError, match=r"1\.5"):
+        lf.binary_cross_entropy(dev(p), dev(y))
+    used = rt._finished()[rt.blocks_for(n)]
+    p[150] = 0.5
+    check("binary_cross_entropy", (p, y))
+    check("mse_loss", (p, y), reduction="sum")
+    assert rt._finished()[rt.blocks_for(n)] is used
+
+
 def test_deterministic_from_run_to_run():
     rng = np.random.default_rng(8)
     x, t = _classes(rng, np.float32, n=40, c=7)

@@ -390,17 +390,30 @@ def element(array: Any, index: int) -> Any:
 
 def partials(blocks: int) -> Any:
     """The per-block results of a reducing launch: row 0 the float64 partial sums, row 1 the
-    smallest flagged element index (``NO_FLAG`` when none)."""
-    return cuda.device_array((2, blocks), np.float64)
+    smallest flagged element index (``NO_FLAG`` when none). The array ``finish`` last read
+    back on this thread, when it has this size: an allocation costs ~25 us a call (H200), and
+    no kernel can still be writing an array that ``finish`` has read (it synchronizes)."""
+    scratch = _finished().pop(blocks, None)
+    return scratch if scratch is not None else cuda.device_array((2, blocks), np.float64)
 
 
 def finish(scratch: Any) -> tuple[float, int]:
     """``(total, first flagged index or -1)`` of a reducing launch: the partials copied back
     (one copy, one synchronization) and added in block order."""
     host = to_host(scratch)
+    _finished()[scratch.shape[1]] = scratch
     total = float(np.cumsum(host[0])[-1])  # a running sum: block order, on any machine
     bad = host[1].min()
     return total, (int(bad) if bad != NO_FLAG else -1)
+
+
+def _finished() -> dict[int, Any]:
+    """This thread's partials arrays that ``finish`` has read back, by block count. Per thread,
+    so that another thread's launch cannot take one between ``partials`` and ``finish``."""
+    found = getattr(_local, "finished", None)
+    if found is None:
+        found = _local.finished = {}
+    return found
 
 
 @device
