@@ -48,26 +48,19 @@ def _element(kind, x, y, pw):
 
 
 @rt.device
-def _store(kind, i, xi, yi, w, pw, loss_out, grad_out, go, scale):
-    """Element ``i``'s loss and gradient written out; returns ``(loss, whether x is outside
-    [0, 1] for binary_cross_entropy)``."""
+def _store(kind, i, xi, yi, w, pw, loss_out, grad_out, go, scale, bad):
+    """Element ``i``'s loss and gradient written out; returns its loss and ``bad``, set to
+    ``i`` if it is the thread's first ``binary_cross_entropy`` input outside [0, 1] (a
+    thread's indices increase: its first flagged is its smallest)."""
     xi = float64(xi)
-    outside = kind == BCE and (xi < 0.0 or xi > 1.0)
-    if outside:
+    if kind == BCE and (xi < 0.0 or xi > 1.0):
+        if bad == NO_FLAG:
+            bad = float64(i)
         loss = g = math.nan  # the call raises
     else:
         p = float64(pw[i]) if pw.size > 0 else 1.0
         loss, g = _element(kind, xi, float64(yi), p)
-    if w.size > 0:
-        loss *= float64(w[i])
-        g *= float64(w[i])
-    if loss_out.size > 0:
-        loss_out[i] = loss
-    if grad_out.size > 0:
-        if go.size > 0:
-            g *= float64(go[i])
-        grad_out[i] = g * scale
-    return loss, outside
+    return rt.finish_element(i, loss, g, w, loss_out, grad_out, go, scale), bad
 
 
 @rt.kernel
@@ -75,7 +68,7 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale, scratch):
     sa = cuda.shared.array(THREADS, float64)
     sb = cuda.shared.array(THREADS, float64)
     acc = 0.0
-    bad = NO_FLAG  # a thread's indices increase: its first flagged is its smallest
+    bad = NO_FLAG
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     n = x.size
@@ -83,31 +76,21 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale, scratch):
     while i + 3 * step < n:
         x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
         y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
-        loss, outside = _store(kind, i, x0, y0, w, pw, loss_out, grad_out, go, scale)
+        loss, bad = _store(kind, i, x0, y0, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
-        if outside and bad == NO_FLAG:
-            bad = float64(i)
         i += step
-        loss, outside = _store(kind, i, x1, y1, w, pw, loss_out, grad_out, go, scale)
+        loss, bad = _store(kind, i, x1, y1, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
-        if outside and bad == NO_FLAG:
-            bad = float64(i)
         i += step
-        loss, outside = _store(kind, i, x2, y2, w, pw, loss_out, grad_out, go, scale)
+        loss, bad = _store(kind, i, x2, y2, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
-        if outside and bad == NO_FLAG:
-            bad = float64(i)
         i += step
-        loss, outside = _store(kind, i, x3, y3, w, pw, loss_out, grad_out, go, scale)
+        loss, bad = _store(kind, i, x3, y3, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
-        if outside and bad == NO_FLAG:
-            bad = float64(i)
         i += step
     while i < n:
-        loss, outside = _store(kind, i, x[i], y[i], w, pw, loss_out, grad_out, go, scale)
+        loss, bad = _store(kind, i, x[i], y[i], w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
-        if outside and bad == NO_FLAG:
-            bad = float64(i)
         i += step
     rt.write_partials(sa, sb, scratch, acc, bad)
 

@@ -39,16 +39,7 @@ def _element(kind, d, param, inverse):
 def _store(kind, i, xi, yi, w, param, inverse, loss_out, grad_out, go, scale):
     """Element ``i``'s loss and gradient written out; returns its loss."""
     loss, g = _element(kind, float64(xi) - float64(yi), param, inverse)
-    if w.size > 0:
-        loss *= float64(w[i])
-        g *= float64(w[i])
-    if loss_out.size > 0:
-        loss_out[i] = loss
-    if grad_out.size > 0:
-        if go.size > 0:
-            g *= float64(go[i])
-        grad_out[i] = g * scale
-    return loss
+    return rt.finish_element(i, loss, g, w, loss_out, grad_out, go, scale)
 
 
 @rt.kernel

@@ -428,6 +428,24 @@ def log(v):
 
 
 @device
+def finish_element(i, loss, g, w, loss_out, grad_out, go, scale):
+    """The end of an element-wise kernel's work on element ``i``, given its loss and
+    derivative: the weight, the per-element loss, the gradient (times ``grad_output`` and
+    ``scale``); returns the weighted loss. Length-0 arrays stand for absent ones (as
+    ``runtime.cpu.finish_element`` on the CPU)."""
+    if w.size > 0:
+        loss *= float64(w[i])
+        g *= float64(w[i])
+    if loss_out.size > 0:
+        loss_out[i] = loss
+    if grad_out.size > 0:
+        if go.size > 0:
+            g *= float64(go[i])
+        grad_out[i] = g * scale
+    return loss
+
+
+@device
 def group_sum(sh, tid, lane, lanes, value):
     """The sum of ``value`` over the ``lanes`` threads of this thread's group (threads
     ``tid - lane`` to ``tid - lane + lanes - 1``), by a fixed tree, returned to every lane.
