@@ -69,6 +69,14 @@ def _logits(x, y, pw):
     return loss, (one - y) * sigmoid - pw * y * sigmoid_neg
 
 
+@inline
+def _at(values, k, absent):
+    """``values[k]``, or ``absent`` when there are no values (``None``: compiled out)."""
+    if values is None:
+        return absent
+    return values[k]
+
+
 @parallel_kernel
 def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     n = x.size
@@ -91,19 +99,17 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
             gos = None if go is None else go[lo:hi]
-            # one loop per loss, each with its element function inlined: they vectorize
+            pws = None if pw is None else pw[lo:hi]
+            # one loop per loss, each with its element function inlined: they vectorize. The
+            # positive weight is compiled in or out by _at, not by a third loop: with a loop
+            # for each, the no-weight loop ran 1.5x slower on 10^7 elements (same in cache)
             if kind == BCE:
                 for k in range(hi - lo):
                     loss, g = _bce(xs[k], ys[k], one)
                     finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
-            elif pw is None:
-                for k in range(hi - lo):
-                    loss, g = _logits(xs[k], ys[k], one)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             else:
-                pws = pw[lo:hi]
                 for k in range(hi - lo):
-                    loss, g = _logits(xs[k], ys[k], pws[k])
+                    loss, g = _logits(xs[k], ys[k], _at(pws, k, one))
                     finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             for k in range(hi - lo):
                 buf[k] = losses[k]
