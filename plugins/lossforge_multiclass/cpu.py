@@ -26,6 +26,7 @@ from lossforge.runtime.cpu import (
     inline,
     jit,
     ordered_sum,
+    padded,
     parallel_kernel,
     tree_sum,
 )
@@ -74,15 +75,6 @@ def _check_targets(t, classes, ignore_index, w):
 @jit
 def _rows_per_chunk(classes):
     return max(1, CHUNK // max(classes, 1))
-
-
-@jit
-def _padded(classes):
-    """The power of two >= classes: the length of the per-row buffers the trees reduce."""
-    p = 1
-    while p < classes:
-        p *= 2
-    return p
 
 
 @jit
@@ -161,14 +153,14 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     per_chunk = _rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
-    padded = _padded(classes)
+    width = padded(classes)
     off = smoothing / classes if classes else 0.0
     total_weight = _total_weight(w, classes)
     for c in prange(chunks):
         buf = np.empty(BLOCK)
-        e = np.empty(padded, z.dtype)
-        narrow = np.empty(max(padded, LANES), z.dtype)
-        scratch = np.empty(padded)
+        e = np.empty(width, z.dtype)
+        narrow = np.empty(max(width, LANES), z.dtype)
+        scratch = np.empty(width)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):
@@ -247,7 +239,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
         sums = wide[0]  # of the exponentials, then their reciprocals
         lse = wide[1]
         wz = wide[2]
-        losses = np.zeros(_padded(end - first))  # zero padding: the tree's sum is the same
+        losses = np.zeros(padded(end - first))  # zero padding: the tree's sum is the same
         for r0 in range(first, end, ROW_BLOCK):
             nb = min(ROW_BLOCK, end - r0)
             zb = z.reshape(-1)[r0 * classes : (r0 + nb) * classes]
@@ -324,14 +316,14 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     per_chunk = _rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
-    padded = _padded(classes)
+    width = padded(classes)
     off = smoothing / classes if classes else 0.0
     for c in prange(chunks):
         buf = np.empty(BLOCK)
-        e = np.empty(padded, z.dtype)
-        narrow = np.empty(max(padded, LANES), z.dtype)
-        scratch = np.empty(padded)
-        coefficients = np.empty(padded)
+        e = np.empty(width, z.dtype)
+        narrow = np.empty(max(width, LANES), z.dtype)
+        scratch = np.empty(width)
+        coefficients = np.empty(width)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
         for lo in range(c * per_chunk, end, BLOCK):

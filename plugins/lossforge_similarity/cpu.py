@@ -10,22 +10,35 @@ import numpy as np
 from numba import prange
 
 from lossforge import validate
-from lossforge.runtime.cpu import BLOCK, CHUNK, inline, ordered_sum, parallel_kernel, tree_sum
+from lossforge.runtime.cpu import (
+    BLOCK,
+    CHUNK,
+    inline,
+    ordered_sum,
+    padded,
+    parallel_kernel,
+    tree_sum,
+)
 from lossforge_similarity import DEFAULT_EPS, DEFAULT_MARGIN
 
 
 @inline
-def _dot_and_norms(a, b):
-    dot = 0.0
-    aa = 0.0
-    bb = 0.0
-    for k in range(a.size):
+def _dot_and_norms(a, b, products):
+    """(a.b, a.a, b.b) of two rows in float64, each summed by ``tree_sum`` over a row of
+    ``products`` (scratch of shape (3, P), P a power of two >= the row length): a fixed order
+    that vectorizes, where ``dot += x * y`` is a serial chain of float64 additions."""
+    dim = a.size
+    pd = products[0]
+    pa = products[1]
+    pb = products[2]
+    for k in range(dim):
         x = np.float64(a[k])
         y = np.float64(b[k])
-        dot += x * y
-        aa += x * x
-        bb += y * y
-    return dot, aa, bb
+        pd[k] = x * y
+        pa[k] = x * x
+        pb[k] = y * y
+    products[:, dim:] = 0.0
+    return tree_sum(pd), tree_sum(pa), tree_sum(pb)
 
 
 @parallel_kernel
@@ -37,10 +50,11 @@ def _cosine_similarity(x1, x2, eps, loss_out, g1_out, g2_out, go):
     per_chunk = max(1, CHUNK // max(dim, 1))
     chunks = (rows + per_chunk - 1) // per_chunk
     for c in prange(chunks):
+        products = np.empty((3, padded(dim)))
         for i in range(c * per_chunk, min(c * per_chunk + per_chunk, rows)):
             a = x1[i]
             b = x2[i]
-            dot, aa, bb = _dot_and_norms(a, b)
+            dot, aa, bb = _dot_and_norms(a, b, products)
             n1 = math.sqrt(aa)
             n2 = math.sqrt(bb)
             c1 = max(n1, eps)
@@ -74,6 +88,7 @@ def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
     for c in prange(chunks):
+        products = np.empty((3, padded(dim)))
         buf = np.empty(BLOCK)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
@@ -82,7 +97,7 @@ def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
             for i in range(lo, hi):
                 a = x1[i]
                 b = x2[i]
-                dot, aa, bb = _dot_and_norms(a, b)
+                dot, aa, bb = _dot_and_norms(a, b, products)
                 m1 = aa + EMBEDDING_EPSILON
                 m2 = bb + EMBEDDING_EPSILON
                 denominator = math.sqrt(m1 * m2)
@@ -101,13 +116,15 @@ def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
                 if g1_out is not None:
                     g = sign * scale * (1.0 if go is None else np.float64(go[i]))
                     inv = g / denominator
+                    r1 = g * cos / m1
+                    r2 = g * cos / m2
                     ga = g1_out[i]
                     gb = g2_out[i]
                     for k in range(dim):
                         x = np.float64(a[k])
                         y = np.float64(b[k])
-                        ga[k] = y * inv - g * cos * x / m1
-                        gb[k] = x * inv - g * cos * y / m2
+                        ga[k] = y * inv - x * r1
+                        gb[k] = x * inv - y * r2
                 buf[i - lo] = loss
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)

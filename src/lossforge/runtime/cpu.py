@@ -71,6 +71,15 @@ def tree_sum(buf):
     return buf[0]
 
 
+@jit
+def padded(n):
+    """The power of two >= ``n``: the length of a buffer that ``tree_sum`` reduces."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
 @numba.njit(inline="always", **JIT_OPTIONS)
 def ordered_sum(partials):
     """The chunk partials of a reduction added in chunk order: the last step of every
