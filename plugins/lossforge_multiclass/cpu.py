@@ -100,25 +100,36 @@ def _tree_max(buf):
     return buf[0]
 
 
-#: Lanes of the row maximum for rows of up to ``LANE_MAX_CLASSES`` classes: on short rows the
-#: halving tree's many short loops cost more than the exponentials; on long rows it is faster.
-LANES = 16
+#: Rows of up to this many classes take their maximum through eight running maxima
+#: (``_lane_max``): on short rows the halving tree's many short loops cost more than the
+#: exponentials; on long rows the tree is faster.
 LANE_MAX_CLASSES = 256
 
 
 @inline
-def _lane_max(zs, lanes):
-    """The maximum of a row through ``LANES`` running maxima (``lanes`` is scratch)."""
+def _lane_max(zs):
+    """The maximum of a row through eight running maxima, named variables rather than an
+    array: LLVM keeps them in registers (an array of lanes stayed in memory, 0.33 against
+    0.22 ns an element on rows of 100). A float maximum is exact in any order."""
     classes = zs.size
-    full = classes - classes % LANES
-    lanes[:] = -np.inf
-    for j0 in range(0, full, LANES):
-        for q in range(LANES):
-            v = zs[j0 + q]
-            lanes[q] = v if v > lanes[q] else lanes[q]
-    m = lanes[0]
-    for q in range(1, LANES):
-        m = lanes[q] if lanes[q] > m else m
+    full = classes - classes % 8
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = mathfn.like(zs, -np.inf)
+    for j in range(0, full, 8):
+        m0 = zs[j] if zs[j] > m0 else m0
+        m1 = zs[j + 1] if zs[j + 1] > m1 else m1
+        m2 = zs[j + 2] if zs[j + 2] > m2 else m2
+        m3 = zs[j + 3] if zs[j + 3] > m3 else m3
+        m4 = zs[j + 4] if zs[j + 4] > m4 else m4
+        m5 = zs[j + 5] if zs[j + 5] > m5 else m5
+        m6 = zs[j + 6] if zs[j + 6] > m6 else m6
+        m7 = zs[j + 7] if zs[j + 7] > m7 else m7
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    m = m4 if m4 > m0 else m0
     for j in range(full, classes):
         m = zs[j] if zs[j] > m else m
     return m
@@ -131,7 +142,7 @@ def _softmax_row(zs, e, narrow, scratch):
     worked on in float32 vectors of 16 lanes, and only the sum is widened, into ``scratch``."""
     classes = zs.size
     if classes <= LANE_MAX_CLASSES:
-        m = _lane_max(zs, narrow[:LANES])
+        m = _lane_max(zs)
     else:
         for j in range(classes):
             narrow[j] = zs[j]
@@ -159,7 +170,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
-        narrow = np.empty(max(width, LANES), z.dtype)
+        narrow = np.empty(width, z.dtype)
         scratch = np.empty(width)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
@@ -321,7 +332,7 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     for c in prange(chunks):
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
-        narrow = np.empty(max(width, LANES), z.dtype)
+        narrow = np.empty(width, z.dtype)
         scratch = np.empty(width)
         coefficients = np.empty(width)
         s = 0.0
