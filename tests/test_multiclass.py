@@ -237,6 +237,26 @@ def test_extreme_logits(dtype, rng):
 
 
 @needs_torch
+@pytest.mark.parametrize("classes", [100, 1000])  # short rows (lane maximum), long (trees)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_logits_like_torch(classes, dtype, rng):
+    x = rng.standard_normal((5, classes)).astype(dtype)
+    x[0, 7] = np.nan
+    x[1, 3] = -np.inf
+    x[2, 5] = np.inf
+    x[3, :] = -np.inf
+    x[4, classes // 2 - 1] = 1e30  # long rows: in the part a padded tree leaves unpaired
+    t = np.array([1, 2, 5, 0, 3])
+    rows = lf.cross_entropy(x, t, reduction="none")
+    t_rows, _ = torch_value_and_grad("cross_entropy", (x, t), reduction="none")
+    np.testing.assert_allclose(rows, t_rows, rtol=1e-5)  # nan where PyTorch has nan
+    grad = lf.cross_entropy.grad(x, t, reduction="sum")
+    _, (t_grad,) = torch_value_and_grad("cross_entropy", (x, t), reduction="sum")
+    np.testing.assert_allclose(grad[1:2], t_grad[1:2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.isnan(grad), np.isnan(t_grad))
+
+
+@needs_torch
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
 def test_all_ignored(name, rng):
     x = rng.standard_normal((4, 3))
