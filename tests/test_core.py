@@ -105,3 +105,25 @@ def test_console_script_matches_module():
         pytest.skip("console script not installed in this environment")
     out = subprocess.run([script, "list"], capture_output=True, text=True, check=True).stdout
     assert out == run("-m", "lossforge", "list").stdout
+
+
+def test_wide_vectors_marks_the_function_it_is_called_in():
+    """runtime.cpu.wide_vectors adds its attribute to the function it is compiled into (in a
+    kernel, the function Numba makes of the prange body). The intrinsic swallows a refusal by
+    llvmlite: this test is what notices one."""
+    import numba
+
+    from lossforge.runtime.cpu import wide_vectors
+
+    @numba.njit
+    def doubled(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            wide_vectors()
+            out[i] = 2 * x[i]
+        return out
+
+    x = np.arange(5.0)
+    np.testing.assert_array_equal(doubled(x), 2 * x)
+    llvm = "".join(doubled.inspect_llvm().values())
+    assert '"prefer-vector-width"="512"' in llvm

