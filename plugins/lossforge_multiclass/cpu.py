@@ -29,6 +29,7 @@ from lossforge.runtime.cpu import (
     padded,
     parallel_kernel,
     tree_sum,
+    wide_vectors,
 )
 
 
@@ -198,6 +199,7 @@ def _cross_entropy_index(z, t, w, ignore_index, smoothing, loss_out, grad_out, g
     off = smoothing / classes if classes else 0.0
     total_weight = _total_weight(w, classes)
     for c in prange(chunks):
+        wide_vectors()
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
         narrow = np.empty(width, z.dtype)
@@ -264,6 +266,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     off = smoothing / classes if classes else 0.0
     total_weight = _total_weight(w, classes)
     for c in prange(chunks):
+        wide_vectors()
         first = c * per_chunk
         end = min(first + per_chunk, rows)
         # per-class columns in the logits' dtype (float32: 16 lanes); sums widened to float64.
@@ -360,6 +363,7 @@ def _cross_entropy_probs(z, y, w, smoothing, loss_out, grad_out, go, scale):
     width = padded(classes)
     off = smoothing / classes if classes else 0.0
     for c in prange(chunks):
+        wide_vectors()
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
         narrow = np.empty(width, z.dtype)
