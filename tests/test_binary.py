@@ -21,7 +21,7 @@ from support import (
 )
 
 import lossforge as lf
-from lossforge.runtime.cpu import PARALLEL_MIN, PREFETCH_MIN, threads
+from lossforge.runtime.cpu import PARALLEL_MIN, threads
 
 BINARY = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
 ALL = [*BINARY, "multilabel_soft_margin_loss"]
@@ -207,22 +207,6 @@ def test_bitwise_identical_for_any_thread_count(name, rng):
 
 
 # -- dtypes, layouts, sizes -----------------------------------------------------------------------
-@pytest.mark.parametrize("weighted", [False, True])
-def test_logits_on_inputs_large_enough_to_prefetch(weighted, rng):
-    """From PREFETCH_MIN elements on the logits loop prefetches the next block, up to the end
-    of the input: value and gradient still match the reference there, last elements included."""
-    name = "binary_cross_entropy_with_logits"
-    n = PREFETCH_MIN + 1027
-    x, y = data(name, rng, (n,))
-    pos_weight = rng.random(n) * 3 if weighted else None
-    options = {} if pos_weight is None else {"pos_weight": pos_weight}
-    value, grad = lf.get(name).value_and_grad(x, y, **options)
-    np.testing.assert_allclose(value, ref(name, x, y, pos_weight=pos_weight), rtol=1e-10)
-    p = 1.0 if pos_weight is None else pos_weight
-    sigmoid = 1 / (1 + np.exp(-x))
-    np.testing.assert_allclose(grad, ((1 - y) * sigmoid - p * y * (1 - sigmoid)) / n, atol=1e-20)
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_float16(name, rng):
     x, y = data(name, rng, (4, 6), np.float16)

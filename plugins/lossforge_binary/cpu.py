@@ -16,12 +16,10 @@ from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import (
     BLOCK,
     CHUNK,
-    PREFETCH_MIN,
     finish_element,
     inline,
     ordered_sum,
     parallel_kernel,
-    prefetch_block,
     ready_elementwise,
     tree_sum,
     wide_vectors,
@@ -112,9 +110,6 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
                     loss, g = _bce(xs[k], ys[k], one)
                     finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
             else:
-                if n >= PREFETCH_MIN:
-                    prefetch_block(x, hi)
-                    prefetch_block(y, hi)
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], _at(pws, k, one))
                     finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)

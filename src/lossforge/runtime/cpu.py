@@ -16,8 +16,6 @@ from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils
 from numba.core import types as nb_types
 from numba.extending import intrinsic
 
@@ -84,32 +82,6 @@ def padded(n):
     return p
 
 
-#: From this many elements on, a kernel that asks for it prefetches the next block of its
-#: inputs (``prefetch_block``): smaller inputs are mostly cache-resident, where the extra
-#: instructions cost ~5% and gain nothing.
-PREFETCH_MIN = 1 << 22
-
-
-@intrinsic
-def _prefetch(typingctx, array, i):
-    """LLVM's prefetch of ``array[i]`` for reading into L2 and closer (``prefetcht1``)."""
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]),
-            "llvm.prefetch.p0",
-        )
-        read, locality, data_cache = (ir.Constant(i32, v) for v in (0, 2, 1))
-        builder.call(prefetch, [pointer, read, locality, data_cache])
-        return context.get_dummy_value()
-
-    return nb_types.void(array, i), codegen
-
-
 @intrinsic
 def wide_vectors(typingctx):
     """Called in a kernel's loop body (inside ``prange``, so that it lands in the function
@@ -128,19 +100,6 @@ def wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return nb_types.void(), codegen
-
-
-@numba.njit(inline="always", **JIT_OPTIONS)
-def prefetch_block(array, lo):
-    """Prefetch ``array[lo : lo + BLOCK]`` (clipped), one call per cache line.
-
-    For compute-heavy element loops on inputs from main memory: measured on an Intel Xeon,
-    binary_cross_entropy_with_logits on 10^7 float32 elements ran 12 ms with its kernel
-    loaded from Numba's cache and 7.5 ms freshly compiled (same machine code; the hardware
-    prefetchers track loads by address of the instruction), and 9 ms either way with this."""
-    step = 64 // array.itemsize
-    for j in range(lo, min(lo + BLOCK, array.size), step):
-        _prefetch(array, j)
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
