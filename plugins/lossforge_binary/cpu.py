@@ -21,8 +21,8 @@ from lossforge.runtime.cpu import (
     ordered_sum,
     parallel_kernel,
     ready_elementwise,
-    tree_sum,
     wide_vectors,
+    widened_sum,
 )
 
 BCE, BCE_LOGITS = 0, 1
@@ -113,10 +113,7 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], _at(pws, k, one))
                     finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
-            for k in range(hi - lo):
-                buf[k] = losses[k]
-            buf[hi - lo :] = 0.0
-            s += tree_sum(buf)
+            s += widened_sum(losses, hi - lo, buf)
         partials[c] = s
     return ordered_sum(partials)
 

@@ -30,6 +30,7 @@ from lossforge.runtime.cpu import (
     parallel_kernel,
     tree_sum,
     wide_vectors,
+    widened_sum,
 )
 
 
@@ -155,24 +156,12 @@ def _long_row_max(zs, narrow):
 
 
 @inline
-def _long_row_sum(e, classes, scratch):
-    """``tree_sum`` of ``e[:classes]`` widened to float64 and zero-padded to ``scratch.size``
-    (a power of two >= 2), bitwise, with the first level taken while widening."""
-    h = scratch.size // 2
-    for j in range(classes - h):
-        scratch[j] = np.float64(e[j]) + np.float64(e[j + h])
-    for j in range(classes - h, h):
-        scratch[j] = e[j]
-    return tree_sum(scratch[:h])
-
-
-@inline
 def _softmax_row(zs, e, narrow, scratch):
     """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``) in float64.
     ``e`` and ``narrow`` (scratch of the maximum) have the logits' dtype: a float32 row is
     worked on in float32 vectors of 16 lanes, and only the sum is widened, into ``scratch``.
     Rows longer than ``LANE_MAX_CLASSES`` reduce by halving trees whose first level is
-    fused into the copy (``_long_row_max``, ``_long_row_sum``: 10% off rows of 32000)."""
+    fused into the copy (``_long_row_max``, ``widened_sum``: 10% off rows of 32000)."""
     classes = zs.size
     long_row = classes > LANE_MAX_CLASSES
     # exact either way: the maximum is one of the row's; nan rows give nan (exp of nan)
@@ -180,7 +169,7 @@ def _softmax_row(zs, e, narrow, scratch):
     for j in range(classes):
         e[j] = mathfn.exp_nonpositive(zs[j] - m)
     if long_row:
-        total = _long_row_sum(e, classes, scratch)
+        total = widened_sum(e, classes, scratch)
     else:
         for j in range(classes):
             scratch[j] = e[j]
