@@ -20,6 +20,7 @@ from lossforge.runtime.cpu import (
     parallel_kernel,
     ready_elementwise,
     tree_sum,
+    wide_vectors,
 )
 from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
 
@@ -49,12 +50,16 @@ def _element(kind, d, param, inverse):
 
 
 @parallel_kernel
-def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
+def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
+    """``wide``: ``True`` to compile with 512-bit vectors (``wide_vectors``), ``None`` not
+    to; a None argument is pruned before lowering, so the two are separate compilations."""
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
     inverse = 1.0 / param if param > 0 else 0.0
     for c in prange(chunks):
+        if wide is not None:
+            wide_vectors()
         buf = np.empty(BLOCK)
         s = 0.0
         end = min(c * CHUNK + CHUNK, n)
@@ -91,6 +96,12 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale):
     return ordered_sum(partials)
 
 
+def _wide(kind):
+    """512-bit vectors for L1, smooth L1 and Huber (10^6 float32 in cache: 15-38% faster,
+    10^7: 3-18%), not for MSE (10^7: 5% slower; it has the least arithmetic per byte)."""
+    return None if kind == MSE else True
+
+
 def _flat(array):
     return None if array is None else array.ravel()
 
@@ -110,6 +121,7 @@ def regression(p, loss_out, grads, grad_output, scale):
         _flat(grads[0]) if grads else None,
         _flat(grad_output) if grads else None,
         scale,
+        _wide(kind),
     )
 
 
@@ -121,7 +133,7 @@ def _fast(kind, param, arrays, out):
         return None
     x, y, out, grad = ready
     n = x.size
-    total = _regression(n, kind, x, y, None, param, None, grad, None, 1 / n)
+    total = _regression(n, kind, x, y, None, param, None, grad, None, 1 / n, _wide(kind))
     return out.dtype.type(total / n), out
 
 
