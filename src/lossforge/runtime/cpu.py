@@ -25,9 +25,15 @@ from lossforge import validate
 #: rounding of sums, so it is a constant, not a tuning knob.
 CHUNK = 1 << 14
 
-#: Elements per block inside a chunk: per-element losses of a block go to a small buffer
-#: that ``tree_sum`` adds up. Also part of the numerical result.
+#: Elements per block inside a chunk, the unit a kernel slices its arrays by: the binary and
+#: cross-entropy kernels write a block's per-element losses to a buffer that ``tree_sum``
+#: adds up. Also part of the numerical result.
 BLOCK = 1 << 10
+
+#: Elements per tile of an element-wise kernel: per-element losses of a tile go to a float64
+#: buffer that ``add_rows`` adds to the chunk's eight running sums. Also part of the
+#: numerical result.
+TILE = 64
 
 #: Below this many elements a call runs the serial variant: a parallel region costs
 #: microseconds to start and can wait a scheduler slice when the other core is busy.
@@ -90,6 +96,34 @@ def widened_sum(values, m, scratch):
     return tree_sum(scratch[:h])
 
 
+@numba.njit(inline="always", **JIT_OPTIONS)
+def add_rows(lanes, tile):
+    """``lanes`` (eight float64 running sums) plus ``tile`` (float64, a multiple of eight
+    long) taken as rows of eight: sum ``l`` adds ``tile[l]``, ``tile[l + 8]``, ... in order.
+    The element-wise kernels' reduction: eight named sums stay in one vector register, where
+    a block buffer and its ``tree_sum`` cost a store stream and a tree per block (the four
+    regression losses at 10^7: 12-27% faster in float64, mse 12.5 -> 9.1 ms; 14-20% in
+    float32)."""
+    s0, s1, s2, s3, s4, s5, s6, s7 = lanes
+    for r in range(0, tile.size, 8):
+        s0 += tile[r]
+        s1 += tile[r + 1]
+        s2 += tile[r + 2]
+        s3 += tile[r + 3]
+        s4 += tile[r + 4]
+        s5 += tile[r + 5]
+        s6 += tile[r + 6]
+        s7 += tile[r + 7]
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def lanes_sum(lanes):
+    """The eight running sums of ``add_rows`` added pairwise, in a fixed order."""
+    s0, s1, s2, s3, s4, s5, s6, s7 = lanes
+    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+
+
 @jit
 def padded(n):
     """The power of two >= ``n``: the length of a buffer that ``tree_sum`` reduces."""
@@ -130,11 +164,11 @@ def ordered_sum(partials):
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
-def finish_element(k, loss, g, ws, ls, gs, gos, scale, losses):
+def finish_element(k, loss, g, ws, ls, gs, gos, scale):
     """The end of an element-wise kernel's loop body for element ``k`` of a block, given its
     loss and derivative: the weight, the per-element loss, the gradient (times
-    ``grad_output`` and ``scale``) and the block's loss buffer. Absent arrays are ``None``
-    (compiled out), so the loop still vectorizes."""
+    ``grad_output`` and ``scale``); returns the (weighted) loss for the kernel's sum. Absent
+    arrays are ``None`` (compiled out), so the loop still vectorizes."""
     if ws is not None:
         loss *= ws[k]
         g *= ws[k]
@@ -144,7 +178,7 @@ def finish_element(k, loss, g, ws, ls, gs, gos, scale, losses):
         if gos is not None:
             g *= gos[k]
         gs[k] = g * scale
-    losses[k] = loss
+    return loss
 
 
 class KernelPair:
