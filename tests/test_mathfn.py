@@ -29,6 +29,7 @@ FUNCTIONS = {
     "log": (mathfn.log, np.log, np.float64),
     "log1p": (mathfn.log1p, np.log1p, np.float64),
     "log1p_unit": (mathfn.log1p_unit, np.log1p, np.float64),
+    "exp_nonpositive_f64": (mathfn.exp_nonpositive_f64, np.exp, np.float64),
     "exp_nonpositive_f32": (mathfn.exp_nonpositive_f32, np.exp, np.float32),
     "log_f32": (mathfn.log_f32, np.log, np.float32),
     "log1p_unit_f32": (mathfn.log1p_unit_f32, np.log1p, np.float32),
@@ -57,7 +58,7 @@ def ulp_error(name, x):
 
 
 def samples(name, rng):
-    base = name.removesuffix("_f32")
+    base = name.removesuffix("_f32").removesuffix("_f64")
     if base == "exp":
         return np.concatenate(
             [
@@ -67,12 +68,13 @@ def samples(name, rng):
             ]
         )
     if base == "exp_nonpositive":  # results in the normal range (below it: test_flush)
+        low = -87.3 if name.endswith("_f32") else -708.39
         return np.concatenate(
             [
-                rng.uniform(-87.3, 0, 200_000),
+                rng.uniform(low, 0, 200_000),
                 rng.uniform(-1, 0, 100_000),
                 -(10.0 ** rng.uniform(-30, 0, 100_000)),
-                [0.0, -87.3],
+                [0.0, low],
             ]
         )
     if base == "log":
@@ -114,6 +116,7 @@ def test_within_two_ulp(name, rng):
         ("log", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 5e-324, 1.7976931348623157e308]),
         ("log1p", [-1.0, -2.0, np.inf, np.nan, 0.0, 1e-320, 1e-17]),
         ("log1p_unit", [np.nan, 0.0, 1.0, 1e-320]),
+        ("exp_nonpositive_f64", [-np.inf, np.nan, 0.0, -0.0, -5e-324, -800.0, -1e308]),
         ("exp_nonpositive_f32", [-np.inf, np.nan, 0.0, -0.0, -1e-45, -200.0, -1e38]),
         ("log_f32", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 1e-45, 3.4e38]),
         ("log1p_unit_f32", [np.nan, 0.0, 1.0, 1e-45]),
@@ -127,10 +130,17 @@ def test_special_values(name, x):
     np.testing.assert_array_equal(apply(name, x), expected)
 
 
-def test_exp_nonpositive_f32_flushes_below_the_normal_range(rng):
-    # e ** x < 1.18e-38 (the smallest normal float32) for x < -87.34: results may flush to 0
-    x = np.concatenate([rng.uniform(-104, -87.3, 100_000), [-87.4, -88.0, -103.0]])
-    got = apply("exp_nonpositive_f32", x)
-    exact = np.exp(x.astype(np.float32).astype(np.float64))
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [("exp_nonpositive_f32", -104, -87.3), ("exp_nonpositive_f64", -745.2, -708.3)],
+)
+def test_exp_nonpositive_flushes_below_the_normal_range(name, low, high, rng):
+    # e ** x is below the smallest normal (float32: 1.18e-38 for x < -87.34; float64:
+    # 2.23e-308 for x < -708.40): results may be 0 or subnormal, within that of e ** x
+    dtype = FUNCTIONS[name][2]
+    x = np.concatenate([rng.uniform(low, high, 100_000), [high - 0.1, high - 1.0, low]])
+    got = apply(name, x)
+    wide = np.longdouble if dtype == np.float64 else np.float64
+    exact = np.exp(x.astype(dtype).astype(wide))
     assert np.all(got >= 0)
-    assert np.abs(got - exact).max() <= np.finfo(np.float32).tiny
+    assert np.abs(got - exact).max() <= np.finfo(dtype).tiny

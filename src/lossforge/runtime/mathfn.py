@@ -10,9 +10,9 @@ subnormals; ``log(0) = -inf``, ``log(x < 0) = nan``, ``log(inf) = inf``; nan pro
 
 The ``_f32`` variants compute in float32 (16 lanes per AVX-512 vector) for float32 kernels,
 and the ``*_native`` / ``exp_nonpositive`` dispatchers pick the variant of an argument's
-precision when the calling kernel is compiled. ``exp_nonpositive_f32`` serves the only
-exponentials kernels take, of ``x - max`` and ``-|x|``: no overflow path, results below the
-normal range flush to 0.
+precision when the calling kernel is compiled. ``exp_nonpositive_f32`` and ``_f64`` serve the
+only exponentials kernels take, of ``x - max`` and ``-|x|``: no overflow path, results below
+the normal range flush to 0.
 
 Numba's on-disk cache keys a kernel on its own source file only: after editing this module,
 clear the ``__pycache__`` folders of the kernels that call it.
@@ -97,6 +97,42 @@ def exp(x):
     p = p * r + 1.0
     half = n >> 1  # 2**n as two factors, so that subnormal results round once
     return p * _pow2(half) * _pow2(n - half)
+
+
+# 1.5 * 2 ** 52: x + it rounds x to an integer, held in the low bits of the float's mantissa
+_ROUND = 6755399441055744.0
+_ROUND_BITS64 = int(np.array(_ROUND).view(np.int64))
+# from here down n = round(x / log 2) is -1023, which makes the scale 2 ** n exactly 0
+_EXP_FLUSH = -709.0
+
+
+@numba.njit(**_INLINE)
+def exp_nonpositive_f64(x):
+    """e ** x for float64 x <= 0, ``exp_nonpositive_f32``'s shortcuts in float64: no overflow
+    path, n rounded in the mantissa of a float, one multiply by 2 ** n. Within 1 ulp for
+    results in the normal range; results below it (x < -708.4) are 0 or subnormal, within
+    2.3e-308 of e ** x; exp(-inf) = 0, nan propagates. Wrong for x > 0."""
+    x = _EXP_FLUSH if x < _EXP_FLUSH else x  # nan stays nan
+    k = x * _LOG2E + _ROUND
+    fn = k - _ROUND
+    r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
+    # Taylor series of exp(r) to r**13 / 13!, as in ``exp``
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    n = _as_int64(k) - _ROUND_BITS64  # in [-1023, 0]; -1023 makes the scale 0
+    return p * _as_float64((n + 1023) << 52)
 
 
 _SQRT2 = 1.4142135623730951
@@ -213,7 +249,7 @@ def exp_nonpositive_f32(x):
 
 def exp_nonpositive(x):
     """e ** x for x <= 0 in the precision of ``x``: ``exp_nonpositive_f32`` for float32,
-    ``exp`` for float64 (chosen when the calling kernel is compiled)."""
+    ``exp_nonpositive_f64`` for float64 (chosen when the calling kernel is compiled)."""
     return math.exp(x)
 
 
@@ -227,7 +263,7 @@ def like(x, value):
 def _exp_nonpositive(x):
     if x == types.float32:
         return lambda x: exp_nonpositive_f32(x)
-    return lambda x: exp(numba.float64(x))
+    return lambda x: exp_nonpositive_f64(numba.float64(x))
 
 
 @overload(like, inline="always")
