@@ -29,22 +29,35 @@ from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 
 
+# (loss, d loss / d input) of one element, d = input - target, in float64; branch-free
+# selects, with PyTorch's values at the boundaries and for nan. One function per loss: a
+# kernel inlines each into its own loop, and a copy of one loss's code is a quarter of all
+# four's (Numba's compile time grows with every inlined copy).
+
+
 @inline
-def _element(kind, d, param, inverse):
-    """(loss, d loss / d input) of one element, d = input - target, in float64; branch-free
-    selects, with PyTorch's values at the boundaries and for nan."""
-    if kind == MSE:
-        return d * d, 2.0 * d
+def _mse(d, param, inverse):
+    return d * d, 2.0 * d
+
+
+@inline
+def _l1(d, param, inverse):  # PyTorch's sign: 0 for nan
+    return abs(d), np.float64(d > 0) - np.float64(d < 0)
+
+
+@inline
+def _smooth_l1(d, param, inverse):  # param = beta > 0 (beta = 0 is sent as L1)
     a = abs(d)
-    if kind == L1:  # PyTorch's sign: 0 for nan
-        return a, np.float64(d > 0) - np.float64(d < 0)
-    if kind == SMOOTH_L1:  # param = beta > 0 (beta = 0 is sent as L1)
-        loss = 0.5 * d * d * inverse if a < param else a - 0.5 * param
-        g = d * inverse
-        g = 1.0 if d >= param else g
-        g = -1.0 if d <= -param else g
-        return loss, g
-    # HUBER, param = delta > 0
+    loss = 0.5 * d * d * inverse if a < param else a - 0.5 * param
+    g = d * inverse
+    g = 1.0 if d >= param else g
+    g = -1.0 if d <= -param else g
+    return loss, g
+
+
+@inline
+def _huber(d, param, inverse):  # param = delta > 0
+    a = abs(d)
     loss = 0.5 * d * d if a < param else param * (a - 0.5 * param)
     g = param if d >= param else d
     g = -param if d <= -param else g
@@ -52,28 +65,33 @@ def _element(kind, d, param, inverse):
 
 
 @inline
-def _finished(kind, j, xs, ys, ws, ls, gs, gos, param, inverse, scale):
-    """Element ``j`` of a block: writes its gradient, returns its loss."""
-    loss, g = _element(kind, np.float64(xs[j]) - np.float64(ys[j]), param, inverse)
+def _element(kind, d, param, inverse):
+    """The element function of ``kind`` (a loop that calls this branches on it)."""
+    if kind == MSE:
+        return _mse(d, param, inverse)
+    if kind == L1:
+        return _l1(d, param, inverse)
+    if kind == SMOOTH_L1:
+        return _smooth_l1(d, param, inverse)
+    return _huber(d, param, inverse)
+
+
+@inline
+def _finished(element, j, xs, ys, ws, ls, gs, gos, param, inverse, scale):
+    """Element ``j`` of a block through ``element``: writes its gradient, returns its loss."""
+    loss, g = element(np.float64(xs[j]) - np.float64(ys[j]), param, inverse)
     return finish_element(j, loss, g, ws, ls, gs, gos, scale)
 
 
 @inline
-def _block(kind, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes):
-    """``lanes`` plus a block's losses for one ``kind`` (a constant where it is inlined: the
-    loop has no branch on it, and vectorizes), tile by tile. Whole tiles run a loop of a
-    constant length (no remainder loop, no runtime checks per tile: 25-40% faster on float32
-    in cache than one loop of a variable length); the last, partial tile is zero-padded."""
-    n = xs.size
-    full = n - n % TILE
-    for t0 in range(0, full, TILE):
+def _tiles(element, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes):
+    """``lanes`` plus the losses of whole tiles (``xs.size`` a multiple of ``TILE``) through
+    one element function: the loops have no branch and vectorize, and their constant length
+    spares a remainder loop and runtime checks per tile (a loop of variable length measured
+    25-40% slower on float32 in cache). Writes the gradient."""
+    for t0 in range(0, xs.size, TILE):
         for k in range(TILE):
-            tile[k] = _finished(kind, t0 + k, xs, ys, ws, ls, gs, gos, param, inverse, scale)
-        lanes = add_rows(lanes, tile)
-    if full < n:
-        for k in range(n - full):
-            tile[k] = _finished(kind, full + k, xs, ys, ws, ls, gs, gos, param, inverse, scale)
-        tile[n - full :] = 0.0
+            tile[k] = _finished(element, t0 + k, xs, ys, ws, ls, gs, gos, param, inverse, scale)
         lanes = add_rows(lanes, tile)
     return lanes
 
@@ -92,26 +110,39 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
         tile = np.empty(TILE)
         lanes = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         end = min(c * CHUNK + CHUNK, n)
-        for lo in range(c * CHUNK, end, BLOCK):
-            hi = min(lo + BLOCK, end)
+        whole = end - end % TILE  # only the last chunk can end in a partial tile
+        for lo in range(c * CHUNK, whole, BLOCK):
+            hi = min(lo + BLOCK, whole)
             xs = x[lo:hi]
             ys = y[lo:hi]
             ws = None if w is None else w[lo:hi]
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
             gos = None if go is None else go[lo:hi]
-            # one _block per loss with a constant kind: a loop-invariant switch inside one
-            # loop is not always hoisted, and a loop with branches does not vectorize
+            # one _tiles per loss: a loop-invariant switch inside one loop is not always
+            # hoisted, and a loop with branches does not vectorize
             if kind == MSE:
-                lanes = _block(MSE, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
+                lanes = _tiles(_mse, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
             elif kind == L1:
-                lanes = _block(L1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
+                lanes = _tiles(_l1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
             elif kind == SMOOTH_L1:
-                lanes = _block(
-                    SMOOTH_L1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes
+                lanes = _tiles(
+                    _smooth_l1, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes
                 )
             else:
-                lanes = _block(HUBER, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
+                lanes = _tiles(_huber, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
+        if whole < end:  # under 64 elements: one loop for every kind, zero-padded
+            xs = x[whole:end]
+            ys = y[whole:end]
+            ws = None if w is None else w[whole:end]
+            ls = None if loss_out is None else loss_out[whole:end]
+            gs = None if grad_out is None else grad_out[whole:end]
+            gos = None if go is None else go[whole:end]
+            for k in range(end - whole):
+                loss, g = _element(kind, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
+                tile[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
+            tile[end - whole :] = 0.0
+            lanes = add_rows(lanes, tile)
         partials[c] = lanes_sum(lanes)
     return ordered_sum(partials)
 
