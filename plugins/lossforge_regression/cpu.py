@@ -132,15 +132,10 @@ def _regression(kind, x, y, w, param, loss_out, grad_out, go, scale, wide):
             else:
                 lanes = _tiles(_huber, xs, ys, ws, ls, gs, gos, param, inverse, scale, tile, lanes)
         if whole < end:  # under 64 elements: one loop for every kind, zero-padded
-            xs = x[whole:end]
-            ys = y[whole:end]
-            ws = None if w is None else w[whole:end]
-            ls = None if loss_out is None else loss_out[whole:end]
-            gs = None if grad_out is None else grad_out[whole:end]
-            gos = None if go is None else go[whole:end]
             for k in range(end - whole):
-                loss, g = _element(kind, np.float64(xs[k]) - np.float64(ys[k]), param, inverse)
-                tile[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
+                j = whole + k
+                loss, g = _element(kind, np.float64(x[j]) - np.float64(y[j]), param, inverse)
+                tile[k] = finish_element(j, loss, g, w, loss_out, grad_out, go, scale)
             tile[end - whole :] = 0.0
             lanes = add_rows(lanes, tile)
         partials[c] = lanes_sum(lanes)

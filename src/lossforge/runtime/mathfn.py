@@ -67,20 +67,14 @@ _LN2_LO = 1.90821492927058770002e-10
 
 @numba.njit(**_INLINE)
 def _pow2(n):
-    """2.0 ** n for an integer n in [-1022, 1023]."""
+    """2.0 ** n for an integer n in [-1022, 1023]; 0.0 for n = -1023."""
     return _as_float64((n + 1023) << 52)
 
 
 @numba.njit(**_INLINE)
-def exp(x):
-    """e ** x for float64 x."""
-    x = 709.8 if x > 709.8 else x  # nan fails both tests and stays nan
-    x = -745.2 if x < -745.2 else x
-    k = 0.0 if x != x else x * _LOG2E + 0.5  # nan must not reach the int conversion
-    n = numba.int64(k if k >= 0 else k - 1.0)  # floor, for |k| < 2 ** 52
-    fn = numba.float64(n)
-    r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
-    # Taylor series of exp(r) to r**13 / 13!: the remainder is < 2 ** -58 relative.
+def _exp_reduced(r):
+    """e ** r for float64 |r| <= ln(2) / 2, the reduced argument of ``exp`` and
+    ``exp_nonpositive_f64``: the Taylor series to r**13 / 13!, remainder < 2 ** -58 relative."""
     p = 1.0 / 6227020800.0
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
@@ -94,7 +88,19 @@ def exp(x):
     p = p * r + 1.0 / 6.0
     p = p * r + 0.5
     p = p * r + 1.0
-    p = p * r + 1.0
+    return p * r + 1.0
+
+
+@numba.njit(**_INLINE)
+def exp(x):
+    """e ** x for float64 x."""
+    x = 709.8 if x > 709.8 else x  # nan fails both tests and stays nan
+    x = -745.2 if x < -745.2 else x
+    k = 0.0 if x != x else x * _LOG2E + 0.5  # nan must not reach the int conversion
+    n = numba.int64(k if k >= 0 else k - 1.0)  # floor, for |k| < 2 ** 52
+    fn = numba.float64(n)
+    r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
+    p = _exp_reduced(r)
     half = n >> 1  # 2**n as two factors, so that subnormal results round once
     return p * _pow2(half) * _pow2(n - half)
 
@@ -116,23 +122,8 @@ def exp_nonpositive_f64(x):
     k = x * _LOG2E + _ROUND
     fn = k - _ROUND
     r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
-    # Taylor series of exp(r) to r**13 / 13!, as in ``exp``
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
     n = _as_int64(k) - _ROUND_BITS64  # in [-1023, 0]; -1023 makes the scale 0
-    return p * _as_float64((n + 1023) << 52)
+    return _exp_reduced(r) * _pow2(n)
 
 
 _SQRT2 = 1.4142135623730951
