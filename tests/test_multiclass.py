@@ -180,6 +180,12 @@ TORCH_CASES = [
     ((4, 5, 3, 2), {"label_smoothing": 0.1, "weight": True}),
     ((5,), {"label_smoothing": 0.2, "weight": True}),
     ((64, 1000), {"label_smoothing": 0.05}),
+    # each side of the class counts where float32 and float64 rows change kernels, over
+    # several of the row-transposing kernel's blocks
+    ((300, 31), {"label_smoothing": 0.1, "weight": True}),
+    ((300, 32), {"label_smoothing": 0.1, "weight": True}),
+    ((300, 47), {"label_smoothing": 0.1, "weight": True}),
+    ((300, 48), {"label_smoothing": 0.1, "weight": True}),
 ]
 
 
@@ -330,7 +336,7 @@ def test_large_float32_accuracy(rng):
 
 # -- the fast path (KernelSpec.fast) ----------------------------------------------------------
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
-@pytest.mark.parametrize("shape", [(64, 10), (300, 100), (PARALLEL_MIN // 8, 16)])
+@pytest.mark.parametrize("shape", [(64, 10), (300, 40), (300, 100), (PARALLEL_MIN // 8, 16)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_path_is_the_general_path(name, shape, dtype, rng):
     x, t = case(rng, shape, dtype=dtype)
