@@ -7,6 +7,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import JIT_OPTIONS
@@ -144,3 +146,34 @@ def test_exp_nonpositive_flushes_below_the_normal_range(name, low, high, rng):
     exact = np.exp(x.astype(dtype).astype(wide))
     assert np.all(got >= 0)
     assert np.abs(got - exact).max() <= np.finfo(dtype).tiny
+
+
+@numba.njit(**_OPTIONS)
+def _array_max(x):
+    return mathfn.array_max(x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(
+    values=st.lists(
+        st.floats(allow_nan=False, width=32) | st.sampled_from([0.0, -0.0, 5e-324, -5e-324]),
+        max_size=80,
+    )
+)
+def test_array_max_is_the_maximum(dtype, values):
+    # signed zeros compare equal, so the test cannot tell which one is returned: neither can
+    # a kernel, which only subtracts the maximum
+    x = np.array(values, dtype)
+    expected = x.max() if x.size else -np.inf
+    assert _array_max(x) == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_array_max_of_nan(dtype):
+    positive_nan = np.array([1.0, np.nan, 2.0], dtype)
+    assert np.isnan(_array_max(positive_nan))
+    negative_nan = np.array([1.0, -np.nan, 2.0], dtype)
+    assert np.signbit(negative_nan[1])
+    assert _array_max(negative_nan) == 2.0  # then exp(nan - max) is nan: the loss is nan
+    assert _array_max(np.array([-np.inf, -np.inf], dtype)) == -np.inf
+    assert _array_max(np.array([3.0, np.inf], dtype)) == np.inf

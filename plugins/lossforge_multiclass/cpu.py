@@ -90,69 +90,10 @@ def _total_weight(w, classes):
     return total
 
 
-@jit
-def _tree_max(buf):
-    h = buf.size // 2
-    while h >= 1:
-        for i in range(h):
-            a = buf[i]
-            b = buf[i + h]
-            buf[i] = a if a >= b else b
-        h //= 2
-    return buf[0]
-
-
-#: Rows of up to this many classes take their maximum through eight running maxima
-#: (``_lane_max``): on short rows the halving tree's many short loops cost more than the
-#: exponentials; on long rows the tree is faster.
+#: Rows of up to this many classes sum their exponentials through a widened copy and
+#: ``tree_sum``, longer ones through ``widened_sum`` (the tree's first level fused into the
+#: widening): on short rows the fused form measured 4-5% slower.
 LANE_MAX_CLASSES = 256
-
-
-@inline
-def _lane_max(zs):
-    """The maximum of a row through eight running maxima, named variables rather than an
-    array: LLVM keeps them in registers (an array of lanes stayed in memory, 0.33 against
-    0.22 ns an element on rows of 100). A float maximum is exact in any order."""
-    classes = zs.size
-    full = classes - classes % 8
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = mathfn.like(zs, -np.inf)
-    for j in range(0, full, 8):
-        m0 = zs[j] if zs[j] > m0 else m0
-        m1 = zs[j + 1] if zs[j + 1] > m1 else m1
-        m2 = zs[j + 2] if zs[j + 2] > m2 else m2
-        m3 = zs[j + 3] if zs[j + 3] > m3 else m3
-        m4 = zs[j + 4] if zs[j + 4] > m4 else m4
-        m5 = zs[j + 5] if zs[j + 5] > m5 else m5
-        m6 = zs[j + 6] if zs[j + 6] > m6 else m6
-        m7 = zs[j + 7] if zs[j + 7] > m7 else m7
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    m4 = m5 if m5 > m4 else m4
-    m6 = m7 if m7 > m6 else m6
-    m0 = m2 if m2 > m0 else m0
-    m4 = m6 if m6 > m4 else m4
-    m = m4 if m4 > m0 else m0
-    for j in range(full, classes):
-        m = zs[j] if zs[j] > m else m
-    return m
-
-
-@inline
-def _long_row_max(zs, narrow):
-    """``_tree_max`` of the row padded with -inf to ``narrow.size`` (a power of two >= 2),
-    bitwise, with the tree's first level taken while copying: the padded copy is never
-    written."""
-    classes = zs.size
-    h = narrow.size // 2
-    low = mathfn.like(zs, -np.inf)
-    for j in range(classes - h):
-        a = zs[j]
-        b = zs[j + h]
-        narrow[j] = a if a >= b else b
-    for j in range(classes - h, h):
-        a = zs[j]
-        narrow[j] = a if a >= low else low
-    return _tree_max(narrow[:h])
 
 
 def long_rows(classes):
@@ -165,25 +106,16 @@ def long_rows(classes):
 
 
 @inline
-def _row_scratch(long_rows, width, dtype):
-    """The scratch of ``_long_row_max`` for long rows, ``None`` for short ones."""
-    return None if long_rows is None else np.empty(width, dtype)
-
-
-@inline
-def _softmax_row(zs, e, narrow, scratch):
+def _softmax_row(zs, e, scratch, long_rows):
     """Writes exp(z - max) into ``e[:C]`` and returns (log-sum-exp, sum of ``e``) in float64.
-    ``e`` and ``narrow`` (scratch of the maximum, ``None`` for short rows: ``long_rows``)
-    have the logits' dtype: a float32 row is worked on in float32 vectors of 16 lanes, and
-    only the sum is widened, into ``scratch``. Rows longer than ``LANE_MAX_CLASSES`` reduce
-    by halving trees whose first level is fused into the copy (``_long_row_max``,
-    ``widened_sum``: 10% off rows of 32000)."""
+    ``e`` has the logits' dtype: a float32 row is worked on in float32 vectors of 16 lanes,
+    and only the sum is widened, into ``scratch``."""
     classes = zs.size
-    # exact either way: the maximum is one of the row's; nan rows give nan (exp of nan)
-    m = _lane_max(zs) if narrow is None else _long_row_max(zs, narrow)
+    # exact: the maximum is one of the row's; nan rows give nan (exp of nan)
+    m = mathfn.array_max(zs)
     for j in range(classes):
         e[j] = mathfn.exp_nonpositive(zs[j] - m)
-    if narrow is not None:
+    if long_rows is not None:
         total = widened_sum(e, classes, scratch)
     else:
         for j in range(classes):
@@ -210,7 +142,6 @@ def _cross_entropy_index(
         wide_vectors()
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
-        narrow = _row_scratch(long_rows, width, z.dtype)
         scratch = np.empty(width)
         s = 0.0
         end = min(c * per_chunk + per_chunk, rows)
@@ -224,7 +155,7 @@ def _cross_entropy_index(
                         grad_out[i, :] = 0.0
                 else:
                     zs = z[i]
-                    lse, total = _softmax_row(zs, e, narrow, scratch)
+                    lse, total = _softmax_row(zs, e, scratch, long_rows)
                     wt = 1.0 if w is None else np.float64(w[k])
                     hit = wt if smoothing is None else (1.0 - smoothing) * wt
                     loss = hit * (lse - np.float64(zs[k]))
@@ -380,7 +311,6 @@ def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, 
         wide_vectors()
         buf = np.empty(BLOCK)
         e = np.empty(width, z.dtype)
-        narrow = _row_scratch(long_rows, width, z.dtype)
         scratch = np.empty(width)
         coefficients = np.empty(width)
         s = 0.0
@@ -390,7 +320,7 @@ def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, 
             for i in range(lo, hi):
                 zs = z[i]
                 ys = y[i]
-                lse, total = _softmax_row(zs, e, narrow, scratch)
+                lse, total = _softmax_row(zs, e, scratch, long_rows)
                 # a_c = w_c ((1 - smoothing) y_c + off); loss = A lse - sum_c a_c z_c
                 for j in range(classes):
                     a = (1.0 - smoothing) * np.float64(ys[j]) + off

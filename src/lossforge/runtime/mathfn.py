@@ -8,6 +8,9 @@ over the whole float64 range (tests/test_mathfn.py checks it), with IEEE behavio
 edges: ``exp(-inf) = 0``, ``exp(inf) = inf``, overflow to ``inf``, gradual underflow to
 subnormals; ``log(0) = -inf``, ``log(x < 0) = nan``, ``log(inf) = inf``; nan propagates.
 
+``array_max`` is the maximum of a row through integer keys (``order_key``): one more loop that
+only vectorizes this way.
+
 The ``_f32`` variants compute in float32 (16 lanes per AVX-512 vector) for float32 kernels,
 and the ``*_native`` / ``exp_nonpositive`` dispatchers pick the variant of an argument's
 precision when the calling kernel is compiled. ``exp_nonpositive_f32`` and ``_f64`` serve the
@@ -236,6 +239,58 @@ def exp_nonpositive_f32(x):
     p = p * (r * r) + r + _ONE_F
     n = _f32_as_int32(k) - _ROUND_BITS  # in [-127, 0]; -127 makes the scale 0
     return p * _int32_as_f32(numba.int32((n + 127) << 23))
+
+
+def _order_key_codegen(bits):
+    def codegen(context, builder, signature, args):
+        int_type = ir.IntType(bits)
+        x = args[0]
+        if isinstance(signature.args[0], types.Float):
+            x = builder.bitcast(x, int_type)
+        sign = builder.ashr(x, ir.Constant(int_type, bits - 1))
+        key = builder.xor(x, builder.and_(sign, ir.Constant(int_type, (1 << (bits - 1)) - 1)))
+        if isinstance(signature.return_type, types.Float):
+            key = builder.bitcast(key, context.get_value_type(signature.return_type))
+        return key
+
+    return codegen
+
+
+@intrinsic
+def order_key(typingctx, x):
+    """The bits of a float32 (float64) as an int32 (int64) that orders as the float does:
+    negative floats get their magnitude bits flipped. Integer maxima vectorize without
+    fast-math flags, float maxima (compare and select) do not. nan: positive above +inf,
+    negative below -inf. Written in LLVM IR so that the integer stays 32 bits wide (Numba
+    widens int32 arithmetic to int64: half the lanes)."""
+    if x in (types.float32, types.float64):
+        return types.int32(x) if x == types.float32 else types.int64(x), _order_key_codegen(
+            x.bitwidth
+        )
+    return None
+
+
+@intrinsic
+def from_order_key(typingctx, key):
+    """The float whose ``order_key`` is ``key`` (the map is its own inverse on the bits)."""
+    if key in (types.int32, types.int64):
+        return types.float32(key) if key == types.int32 else types.float64(key), (
+            _order_key_codegen(key.bitwidth)
+        )
+    return None
+
+
+@numba.njit(**_INLINE)
+def array_max(values):
+    """The maximum of a float32/float64 array, through ``order_key``: one vectorized pass,
+    exact (a maximum is one of the values). -inf for an empty array; a positive nan is the
+    maximum, a negative one is never picked (either makes ``exp(values - max)`` nan
+    somewhere, as a nan should)."""
+    best = order_key(like(values, -np.inf))
+    for j in range(values.size):
+        key = order_key(values[j])
+        best = key if key > best else best
+    return from_order_key(best)
 
 
 def exp_nonpositive(x):
