@@ -228,6 +228,25 @@ def test_warmup_one_loss():
         assert any("float32" in str(s) for s in sigs), (variant, sigs)
 
 
+def test_warmup_compiles_every_cross_entropy_kernel():
+    from lossforge.warmup import warmup
+
+    done = warmup(["cross_entropy"], dtypes=("float32",))
+    assert {w.variant for w in done} == {
+        f"{v} ({c} classes)" for v in ("serial", "parallel") for c in (10, 100, 1000)
+    }
+    from numba import types
+
+    module = importlib.import_module("lossforge_multiclass.cpu")
+    for variant in ("serial", "parallel"):
+        few = getattr(module._cross_entropy_few, variant).signatures
+        assert any(sig[0].dtype == types.float32 for sig in few)
+        # argument 5, long_rows: None for rows of up to 256 classes, True for longer ones
+        rows = getattr(module._cross_entropy_index, variant).signatures
+        kinds = {sig[5] for sig in rows if sig[0].dtype == types.float32}
+        assert {types.none, types.boolean} <= kinds, rows
+
+
 def test_warmup_reductions_and_bad_names():
     from lossforge.warmup import warmup
 

@@ -10,7 +10,8 @@ inputs from :mod:`lossforge.inputs`, which compiles the kernel, or loads it from
 it is there already, and fills the cache for the next process: run it once after installing
 (a Docker image build step, a job's setup) so that no training step pays for compilation.
 
-It covers the losses' default options (``reduction="mean"``, no weights, class-index targets);
+It covers the losses' default options (``reduction="mean"``, no weights, class-index targets),
+and for ``cross_entropy`` each of its kernels by class count (``CLASS_COUNTS``);
 ``reductions=("mean", "none")`` adds the per-element-value variants. Other combinations
 (weights, probability targets, a ``grad_output`` array) are further variants, compiled on
 their first use.
@@ -48,6 +49,11 @@ from dataclasses import dataclass
 #: ``2 * PARALLEL_MIN``.
 SERIAL_SIZE = 1024
 
+#: Row widths warmed for losses whose kernel depends on them (others: the default width of
+#: ``lossforge.inputs``). cross_entropy has three: rows of few classes transposed, rows of up
+#: to 256 classes, longer rows.
+CLASS_COUNTS = {"cross_entropy": (10, 100, 1000)}
+
 
 @dataclass(frozen=True)
 class Warmed:
@@ -55,7 +61,7 @@ class Warmed:
 
     loss: str
     dtype: str
-    variant: str  # "serial" or "parallel"
+    variant: str  # "serial" or "parallel", then " (N classes)" where CLASS_COUNTS has N
     # "value", "value_and_grad", "value_and_grad (defaults)" (no option named: the fast
     # path of KernelSpec.fast), "value (none)", "value_and_grad (none)"
     call: str
@@ -98,9 +104,17 @@ def warmup(
                 progress(f"{name}: no input factory in lossforge.inputs, skipped")
             continue
         loss = lf.get(name)
+        sizes = []
+        for variant, size in (("serial", SERIAL_SIZE), ("parallel", 2 * PARALLEL_MIN)):
+            if name in CLASS_COUNTS:
+                sizes += [
+                    (f"{variant} ({c} classes)", (max(1, size // c), c)) for c in CLASS_COUNTS[name]
+                ]
+            else:
+                sizes.append((variant, size))
         for dtype in dtypes:
             dtype = np.dtype(dtype).name
-            for variant, size in (("serial", SERIAL_SIZE), ("parallel", 2 * PARALLEL_MIN)):
+            for variant, size in sizes:
                 arrays, options = inputs.make_inputs(name, size, dtype, rng)
                 for reduction in reductions:
                     opts = dict(options)
