@@ -187,12 +187,11 @@ def _cross_entropy_index(
     return ordered_sum(partials)
 
 
-#: cross_entropy with at most this many classes runs the kernel vectorized across rows
-#: (``few_classes``), by the logits' precision: the crossovers measured on 10^6 logits. The
-#: row kernel's time depends on C modulo the vector width (float64 rows of 32 classes run
-#: 30% faster than rows of 31), the transposing kernel's hardly at all.
-FEW_CLASSES_F32 = 47
-FEW_CLASSES_F64 = 31
+#: cross_entropy with at most this many classes runs the kernel vectorized across rows: the
+#: crossover measured on 10^6 logits, float32 and float64. The row kernel's time depends on C
+#: modulo the vector width (rows of 32 classes run 40-60% faster than rows of 31), the
+#: transposing kernel's hardly at all.
+FEW_CLASSES = 31
 #: Rows transposed at a time by that kernel. Reading a class across 256 rows of 256 bytes
 #: (float64 C = 32, float32 C = 64) touched a quarter of L1's sets and evicted its own lines:
 #: 2.3x slower than 128 rows, which are also 5-15% faster for other float32 class counts.
@@ -201,7 +200,7 @@ ROW_BLOCK = 128
 
 @parallel_kernel
 def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go, scale):
-    """cross_entropy for few classes (``few_classes``): blocks of rows are transposed to
+    """cross_entropy for few classes (C <= FEW_CLASSES): blocks of rows are transposed to
     (C, rows) so that every loop runs along rows, where it vectorizes; a row-by-row kernel
     spends its time in loop overhead on rows of a few elements."""
     rows, classes = z.shape
@@ -414,21 +413,13 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
     return total
 
 
-@jit
-def few_classes(z):
-    """Whether cross_entropy on rows ``z`` (class-index targets) takes
-    ``_cross_entropy_few``. Compiled for the fast path's checked call, and run as Python
-    (``.py_func``) by the general path, which picks a kernel before calling it."""
-    return z.shape[1] <= (FEW_CLASSES_F32 if z.itemsize == 4 else FEW_CLASSES_F64)
-
-
 def cross_entropy(p, loss_out, grads, grad_output, scale):
     _, probabilities, ignore_index, smoothing = p.params
     z = p.arrays[0]
     long = long_rows(z.shape[1])
     if probabilities:
         return _run(_cross_entropy_probs, p, loss_out, grads, grad_output, scale, smoothing, long)
-    if few_classes.py_func(z):
+    if z.shape[1] <= FEW_CLASSES:
         return _run(
             _cross_entropy_few, p, loss_out, grads, grad_output, scale, ignore_index, smoothing
         )
@@ -478,7 +469,7 @@ def _checked_cross_entropy(x, t, out):
     if bad or denominator == 0.0:
         return 0.0, 0.0
     scale = 1.0 / denominator
-    if few_classes(x):
+    if x.shape[1] <= FEW_CLASSES:
         total = _few_serial(x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
     elif x.shape[1] <= LANE_MAX_CLASSES:  # long_rows(classes), as a type in each branch
         total = _index_serial(x, t, None, IGNORE_INDEX, None, None, None, out, None, scale)
