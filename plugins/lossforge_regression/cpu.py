@@ -42,7 +42,9 @@ def _mse(d, param, inverse):
 
 @inline
 def _l1(d, param, inverse):  # PyTorch's sign: 0 for nan
-    return abs(d), np.float64(d > 0) - np.float64(d < 0)
+    g = 1.0 if d > 0 else 0.0
+    g = -1.0 if d < 0 else g
+    return abs(d), g
 
 
 @inline
