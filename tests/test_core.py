@@ -166,3 +166,17 @@ def test_add_rows_is_eight_running_sums_added_pairwise(values, start):
     expected = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
     assert _tile_reducer()(tuple(start), tile) == expected
     assert add_rows.py_func(tuple(start), tile) == tuple(sums)
+
+
+def test_kernel_pair_runs_serial_below_its_threshold():
+    from lossforge.runtime.cpu import PARALLEL_MIN, parallel_kernel
+
+    def total(x):
+        return x.sum()
+
+    default = parallel_kernel(total)
+    own = parallel_kernel(parallel_min=100)(total)
+    assert default.parallel_min == PARALLEL_MIN and own.parallel_min == 100
+    x = np.arange(4.0)
+    assert own(99, x) == 6.0 and own.serial.signatures and not own.parallel.signatures
+    assert own(100, x) == 6.0 and own.parallel.signatures

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lossforge_multiclass.cpu import PARALLEL_MIN  # the multi-class kernels' own
 from support import (
     assert_fast_path_is_general_path,
     assert_unchanged,
@@ -19,7 +20,7 @@ from support import (
 )
 
 import lossforge as lf
-from lossforge.runtime.cpu import PARALLEL_MIN, threads
+from lossforge.runtime.cpu import threads
 
 
 # -- independent float64 references --------------------------------------------------------

@@ -22,7 +22,6 @@ from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import (
     BLOCK,
     CHUNK,
-    PARALLEL_MIN,
     inline,
     jit,
     ordered_sum,
@@ -32,6 +31,14 @@ from lossforge.runtime.cpu import (
     wide_vectors,
     widened_sum,
 )
+
+#: The multi-class kernels run serially below this many elements, above the element-wise
+#: default: a serial call with the default options takes the fast path (``KernelSpec.fast``),
+#: which spares the ~10 us of per-call layers and second parallel region (the target check)
+#: that a parallel call pays. cross_entropy (rows of 100) broke even at 65536 elements;
+#: nll_loss, whose kernel is a memset, was still 50% slower in parallel at 100000.
+PARALLEL_MIN = 1 << 17
+rows_kernel = parallel_kernel(parallel_min=PARALLEL_MIN)
 
 
 def check_targets(t, classes, ignore_index, w):
@@ -43,7 +50,7 @@ def check_targets(t, classes, ignore_index, w):
     return ignore_index, denominator
 
 
-@parallel_kernel
+@rows_kernel
 def _check_targets(t, classes, ignore_index, w):
     """(how many targets are out of range, summed weight of the others): counted without
     branches so that the pass vectorizes (a search that stops at the first bad target does
@@ -125,7 +132,7 @@ def _softmax_row(zs, e, scratch, long_rows):
     return np.float64(m) + math.log(total), total
 
 
-@parallel_kernel
+@rows_kernel
 def _cross_entropy_index(
     z, t, w, ignore_index, smoothing, long_rows, loss_out, grad_out, go, scale
 ):
@@ -198,7 +205,7 @@ FEW_CLASSES = 31
 ROW_BLOCK = 128
 
 
-@parallel_kernel
+@rows_kernel
 def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go, scale):
     """cross_entropy for few classes (C <= FEW_CLASSES): blocks of rows are transposed to
     (C, rows) so that every loop runs along rows, where it vectorizes; a row-by-row kernel
@@ -298,7 +305,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     return ordered_sum(partials)
 
 
-@parallel_kernel
+@rows_kernel
 def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, scale):
     rows, classes = z.shape
     per_chunk = _rows_per_chunk(classes)
@@ -347,7 +354,7 @@ def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, 
     return ordered_sum(partials)
 
 
-@parallel_kernel
+@rows_kernel
 def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
     rows, classes = x.shape
     per_chunk = _rows_per_chunk(classes)

@@ -3,12 +3,13 @@
 
 Every CPU kernel is a Numba function compiled on first use (1-3 s for each variant) and then
 cached on disk (``cache=True``), so that later processes load it in milliseconds. A variant is
-one combination of argument types: dtype, serial or parallel (inputs below or above
-``lossforge.runtime.cpu.PARALLEL_MIN`` elements), and which outputs are wanted (the value
-alone, or the value and the gradient). :func:`warmup` calls each loss once per variant on
-inputs from :mod:`lossforge.inputs`, which compiles the kernel, or loads it from the cache if
-it is there already, and fills the cache for the next process: run it once after installing
-(a Docker image build step, a job's setup) so that no training step pays for compilation.
+one combination of argument types: dtype, serial or parallel (inputs below or above a
+kernel's ``parallel_min`` elements, ``lossforge.runtime.cpu.PARALLEL_MIN`` by default), and
+which outputs are wanted (the value alone, or the value and the gradient). :func:`warmup`
+calls each loss once per variant on inputs from :mod:`lossforge.inputs`, which compiles the
+kernel, or loads it from the cache if it is there already, and fills the cache for the next
+process: run it once after installing (a Docker image build step, a job's setup) so that no
+training step pays for compilation.
 
 It covers the losses' default options (``reduction="mean"``, no weights, class-index targets),
 and for ``cross_entropy`` each of its kernels by class count (``CLASS_COUNTS``);
@@ -45,9 +46,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-#: Elements of the small (serial) inputs; the large (parallel) inputs get
-#: ``2 * PARALLEL_MIN``.
+#: Elements of the small (serial) inputs, and of the large (parallel) ones: above every
+#: built-in kernel's ``parallel_min`` (the multi-class kernels' is the highest, 131072).
 SERIAL_SIZE = 1024
+PARALLEL_SIZE = 1 << 18
 
 #: Row widths warmed for losses whose kernel depends on them (others: the default width of
 #: ``lossforge.inputs``). cross_entropy has three: rows of few classes transposed, rows of up
@@ -91,7 +93,6 @@ def warmup(
 
     import lossforge as lf
     from lossforge import inputs
-    from lossforge.runtime.cpu import PARALLEL_MIN
 
     names = list(lf.list_losses() if names is None else names)
     for name in names:
@@ -105,7 +106,7 @@ def warmup(
             continue
         loss = lf.get(name)
         sizes = []
-        for variant, size in (("serial", SERIAL_SIZE), ("parallel", 2 * PARALLEL_MIN)):
+        for variant, size in (("serial", SERIAL_SIZE), ("parallel", PARALLEL_SIZE)):
             if name in CLASS_COUNTS:
                 sizes += [
                     (f"{variant} ({c} classes)", (max(1, size // c), c)) for c in CLASS_COUNTS[name]

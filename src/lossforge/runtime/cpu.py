@@ -36,8 +36,11 @@ BLOCK = 1 << 10
 TILE = 64
 
 #: Below this many elements a call runs the serial variant: a parallel region costs
-#: microseconds to start and can wait a scheduler slice when the other core is busy.
-PARALLEL_MIN = 1 << 17
+#: microseconds to start and can wait a scheduler slice when the other core is busy. The
+#: crossover measured for the element-wise and cosine losses on 2 threads: parallel 10-25%
+#: slower at 16384 elements, 16-36% faster at 32768 (35-45% at 65536). A kernel may set its
+#: own (``parallel_kernel(parallel_min=...)``).
+PARALLEL_MIN = 1 << 15
 
 #: ``fastmath={"contract"}`` lets LLVM fuse ``a * b + c`` into one FMA: a single rounding
 #: instead of two (results change within rounding only, the same way for every thread count)
@@ -103,8 +106,9 @@ def widened_sum(values, m, scratch):
 def add_rows(lanes, tile):
     """``lanes`` (eight float64 running sums) plus ``tile`` (float64, a multiple of eight
     long) taken as rows of eight: sum ``l`` adds ``tile[l]``, ``tile[l + 8]``, ... in order.
-    The element-wise kernels' reduction: eight named sums stay in one vector register, where
-    a block buffer and its ``tree_sum`` cost a store stream and a tree per block (the four
+    The element-wise kernels' reduction: eight named sums stay in registers (eight scalar
+    add chains: LLVM does not pack them into a vector), where a block buffer and its
+    ``tree_sum`` cost a store stream and a tree per block (the four
     regression losses at 10^7: 12-27% faster in float64, mse 12.5 -> 9.1 ms; 14-20% in
     float32)."""
     s0, s1, s2, s3, s4, s5, s6, s7 = lanes
@@ -185,18 +189,20 @@ def finish_element(k, loss, g, ws, ls, gs, gos, scale):
 
 
 class KernelPair:
-    """One kernel body compiled twice: serial for small inputs, parallel (``prange``) for
-    large ones. The variants get distinct names so Numba's on-disk cache keeps both."""
+    """One kernel body compiled twice: serial for inputs under ``parallel_min`` elements,
+    parallel (``prange``) for larger ones. The variants get distinct names so Numba's
+    on-disk cache keeps both."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, parallel_min: int = PARALLEL_MIN):
         self.serial = numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(fn, "serial"))
         self.parallel = numba.njit(parallel=True, **JIT_OPTIONS)(_renamed(fn, "parallel"))
+        self.parallel_min = parallel_min
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
 
     def __call__(self, n: int, *args: Any) -> Any:
         """Run on ``n`` elements of work, choosing the variant by size."""
-        if n < PARALLEL_MIN:
+        if n < self.parallel_min:
             return self.serial(*args)
         global _parallel_guard
         with _parallel_guard:
@@ -213,9 +219,11 @@ _workqueue_lock = threading.Lock()
 _parallel_guard: Any = _workqueue_lock
 
 
-def parallel_kernel(fn: Callable) -> KernelPair:
-    """Decorator: see :class:`KernelPair`."""
-    return KernelPair(fn)
+def parallel_kernel(fn: Callable | None = None, *, parallel_min: int = PARALLEL_MIN) -> Any:
+    """Decorator, bare or with ``parallel_min``: see :class:`KernelPair`."""
+    if fn is None:
+        return lambda f: KernelPair(f, parallel_min)
+    return KernelPair(fn, parallel_min)
 
 
 def _renamed(fn: Callable, suffix: str) -> Callable:
