@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 import lossforge as lf
 
@@ -130,42 +127,6 @@ def test_wide_vectors_marks_the_function_it_is_called_in():
     np.testing.assert_array_equal(doubled(x), 2 * x)
     llvm = "".join(doubled.inspect_llvm().values())
     assert '"prefer-vector-width"="512"' in llvm
-
-
-@functools.cache
-def _tile_reducer():
-    import numba
-
-    from lossforge.runtime.cpu import add_rows, lanes_sum
-
-    @numba.njit
-    def reduce(lanes, tile):
-        return lanes_sum(add_rows(lanes, tile))
-
-    return reduce
-
-
-@given(
-    st.lists(
-        st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False), min_size=1, max_size=40
-    ).map(lambda v: v + [0.0] * (-len(v) % 8)),
-    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=8, max_size=8),
-)
-def test_add_rows_is_eight_running_sums_added_pairwise(values, start):
-    """runtime.cpu.add_rows and lanes_sum, the element-wise kernels' reduction, against the
-    order they document, bitwise: sum l adds tile[l], tile[l + 8], ... in order; the eight
-    sums are added pairwise ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))."""
-    from lossforge.runtime.cpu import add_rows
-
-    tile = np.array(values)
-    sums = list(start)
-    for r in range(0, len(values), 8):
-        for lane in range(8):
-            sums[lane] += values[r + lane]  # Python floats: float64, one rounding per add
-    s = sums
-    expected = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
-    assert _tile_reducer()(tuple(start), tile) == expected
-    assert add_rows.py_func(tuple(start), tile) == tuple(sums)
 
 
 def test_kernel_pair_runs_serial_below_its_threshold():

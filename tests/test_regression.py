@@ -420,3 +420,35 @@ def test_bad_grad_output(rng):
         lf.mse_loss.grad(x, y, reduction="none", grad_output=np.ones(3))
     with pytest.raises(TypeError, match="grad_output must be a float"):
         lf.mse_loss.grad(x, y, reduction="none", grad_output=np.ones((2, 3), int))
+
+
+def _sum_in_documented_order(losses):
+    """The regression kernel's sum, written out: per chunk of CHUNK elements, the loss of
+    element k of every tile of TILE elements (and of the partial tile at the end) goes to
+    running sum k, in order; the TILE sums are added by a halving tree; the chunk partials in
+    chunk order. float64 throughout, one rounding per add, as the kernel."""
+    from lossforge.runtime.cpu import CHUNK, TILE
+
+    total = 0.0
+    for c0 in range(0, losses.size, CHUNK):
+        chunk = losses[c0 : c0 + CHUNK]
+        sums = np.zeros(TILE)
+        for t0 in range(0, chunk.size, TILE):
+            tile = chunk[t0 : t0 + TILE]
+            sums[: tile.size] += tile
+        while sums.size > 1:
+            half = sums.size // 2
+            sums = sums[:half] + sums[half:]
+        total += sums[0]
+    return total
+
+
+@given(n=st.integers(1, 3 * 2**14 + 200), seed=st.integers(0, 2**32 - 1))
+def test_sum_is_in_the_documented_order(n, seed):
+    # differences of 26 significant bits: their squares are exact, so the kernel's fused
+    # multiply-add (contraction) rounds as the reference's add does; the wide exponents
+    # make every add round, so that another order gives another sum
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-(2**26), 2**26, n) * 2.0 ** rng.integers(-30, 30, n)
+    y = np.zeros(n)
+    assert lf.mse_loss(x, y, reduction="sum") == _sum_in_documented_order(x * x)

@@ -30,9 +30,9 @@ CHUNK = 1 << 14
 #: adds up. Also part of the numerical result.
 BLOCK = 1 << 10
 
-#: Elements per tile of an element-wise kernel: per-element losses of a tile go to a float64
-#: buffer that ``add_rows`` adds to the chunk's eight running sums. Also part of the
-#: numerical result.
+#: Elements per tile of an element-wise kernel: the loss of element ``k`` of every tile of a
+#: chunk is added to the chunk's running sum ``k`` (adds along a vector, not across it), and
+#: ``tree_sum`` adds the 64 sums at the chunk's end. Also part of the numerical result.
 TILE = 64
 
 #: Below this many elements a call runs the serial variant: a parallel region costs
@@ -100,35 +100,6 @@ def widened_sum(values, m, scratch):
         scratch[j] = values[j]
     scratch[single:h] = 0.0
     return tree_sum(scratch[:h])
-
-
-@numba.njit(inline="always", **JIT_OPTIONS)
-def add_rows(lanes, tile):
-    """``lanes`` (eight float64 running sums) plus ``tile`` (float64, a multiple of eight
-    long) taken as rows of eight: sum ``l`` adds ``tile[l]``, ``tile[l + 8]``, ... in order.
-    The element-wise kernels' reduction: eight named sums stay in registers (eight scalar
-    add chains: LLVM does not pack them into a vector), where a block buffer and its
-    ``tree_sum`` cost a store stream and a tree per block (the four
-    regression losses at 10^7: 12-27% faster in float64, mse 12.5 -> 9.1 ms; 14-20% in
-    float32)."""
-    s0, s1, s2, s3, s4, s5, s6, s7 = lanes
-    for r in range(0, tile.size, 8):
-        s0 += tile[r]
-        s1 += tile[r + 1]
-        s2 += tile[r + 2]
-        s3 += tile[r + 3]
-        s4 += tile[r + 4]
-        s5 += tile[r + 5]
-        s6 += tile[r + 6]
-        s7 += tile[r + 7]
-    return s0, s1, s2, s3, s4, s5, s6, s7
-
-
-@numba.njit(inline="always", **JIT_OPTIONS)
-def lanes_sum(lanes):
-    """The eight running sums of ``add_rows`` added pairwise, in a fixed order."""
-    s0, s1, s2, s3, s4, s5, s6, s7 = lanes
-    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
 
 
 @jit
