@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from lossforge_multiclass.cpu import PARALLEL_MIN  # the multi-class kernels' own
+from lossforge_multiclass import cpu as multiclass_cpu
 from support import (
     assert_fast_path_is_general_path,
     assert_unchanged,
@@ -314,7 +312,9 @@ def test_gradient_linear_in_grad_output(g, seed):
     )
 
 
-@pytest.mark.parametrize(("rows", "classes"), [(PARALLEL_MIN // 4, 4), (40, 32000)])
+@pytest.mark.parametrize(
+    ("rows", "classes"), [(multiclass_cpu.CROSS_ENTROPY_PARALLEL_MIN // 4, 4), (40, 32000)]
+)
 def test_bitwise_identical_for_any_thread_count(rows, classes, rng):
     x = rng.standard_normal((rows, classes)).astype(np.float32)
     t = rng.integers(0, classes, rows)
@@ -335,13 +335,16 @@ def test_large_float32_accuracy(rng):
 
 # -- the fast path (KernelSpec.fast) ----------------------------------------------------------
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
-@pytest.mark.parametrize("shape", [(64, 10), (300, 40), (300, 100), (PARALLEL_MIN // 8, 16)])
+@pytest.mark.parametrize("shape", [(64, 10), (300, 40), (300, 100), (1000, 100), (2**14, 16)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_path_is_the_general_path(name, shape, dtype, rng):
     x, t = case(rng, shape, dtype=dtype)
-    fast = getattr(importlib.import_module("lossforge_multiclass.cpu"), f"fast_{name}")
+    fast = getattr(multiclass_cpu, f"fast_{name}")
+    kernel = multiclass_cpu._cross_entropy_index if name == "cross_entropy" else multiclass_cpu._nll
     taken = fast((x, t), None) is not None
-    assert taken == (x.size < PARALLEL_MIN)  # small inputs; large ones: the general path
+    # small inputs; large ones (cross_entropy's (1000, 100), both losses' (2**14, 16)): the
+    # general path
+    assert taken == (x.size < kernel.parallel_min)
     assert_fast_path_is_general_path(name, (x, t), {"reduction": "mean"})
 
 

@@ -32,13 +32,14 @@ from lossforge.runtime.cpu import (
     widened_sum,
 )
 
-#: The multi-class kernels run serially below this many elements, above the element-wise
+#: Elements from which the multi-class kernels run in parallel, above the element-wise
 #: default: a serial call with the default options takes the fast path (``KernelSpec.fast``),
 #: which spares the ~10 us of per-call layers and second parallel region (the target check)
-#: that a parallel call pays. cross_entropy (rows of 100) broke even at 65536 elements;
-#: nll_loss, whose kernel is a memset, was still 50% slower in parallel at 100000.
-PARALLEL_MIN = 1 << 17
-rows_kernel = parallel_kernel(parallel_min=PARALLEL_MIN)
+#: that a parallel call pays. Measured through the public API on 2 threads, parallel calls
+#: broke even at 65536 elements for cross_entropy (rows of 100 and 1000; rows of 10 gained
+#: from 32768) and at 131072-262144 for nll_loss (a memset, which one core nearly saturates).
+CROSS_ENTROPY_PARALLEL_MIN = 1 << 16
+NLL_PARALLEL_MIN = 1 << 17
 
 
 def check_targets(t, classes, ignore_index, w):
@@ -50,7 +51,7 @@ def check_targets(t, classes, ignore_index, w):
     return ignore_index, denominator
 
 
-@rows_kernel
+@parallel_kernel(parallel_min=NLL_PARALLEL_MIN)
 def _check_targets(t, classes, ignore_index, w):
     """(how many targets are out of range, summed weight of the others): counted without
     branches so that the pass vectorizes (a search that stops at the first bad target does
@@ -132,7 +133,7 @@ def _softmax_row(zs, e, scratch, long_rows):
     return np.float64(m) + math.log(total), total
 
 
-@rows_kernel
+@parallel_kernel(parallel_min=CROSS_ENTROPY_PARALLEL_MIN)
 def _cross_entropy_index(
     z, t, w, ignore_index, smoothing, long_rows, loss_out, grad_out, go, scale
 ):
@@ -206,7 +207,7 @@ FEW_CLASSES = 31
 ROW_BLOCK = 128
 
 
-@rows_kernel
+@parallel_kernel(parallel_min=CROSS_ENTROPY_PARALLEL_MIN)
 def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go, scale):
     """cross_entropy for few classes (C <= FEW_CLASSES): blocks of rows are transposed to
     (C, rows) so that every loop runs along rows, where it vectorizes; a row-by-row kernel
@@ -306,7 +307,7 @@ def _cross_entropy_few(z, t, w, ignore_index, smoothing, loss_out, grad_out, go,
     return ordered_sum(partials)
 
 
-@rows_kernel
+@parallel_kernel(parallel_min=CROSS_ENTROPY_PARALLEL_MIN)
 def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, scale):
     rows, classes = z.shape
     per_chunk = _rows_per_chunk(classes)
@@ -355,7 +356,7 @@ def _cross_entropy_probs(z, y, w, smoothing, long_rows, loss_out, grad_out, go, 
     return ordered_sum(partials)
 
 
-@rows_kernel
+@parallel_kernel(parallel_min=NLL_PARALLEL_MIN)
 def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
     rows, classes = x.shape
     per_chunk = _rows_per_chunk(classes)
@@ -496,17 +497,18 @@ def _checked_nll_loss(x, t, out):
     return total, denominator
 
 
-def _fast(checked, arrays, out):
+def _fast(checked, kernel, arrays, out):
     """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
     weight, no smoothing) on small ready NumPy rows: what the general path computes, with the
     same serial kernel and arguments, minus its per-call layers. ``None`` for anything else
     (bad targets and an all-ignored batch included) and for inputs that run in parallel,
-    where the layers cost nothing in comparison: the general path handles those."""
+    where the layers cost nothing in comparison (``kernel``'s ``parallel_min``): the general
+    path handles those."""
     if len(arrays) != 2:
         return None
     x, t = arrays
     dtype = ready_rows(x, t)
-    if dtype is None or x.size >= PARALLEL_MIN:
+    if dtype is None or x.size >= kernel.parallel_min:
         return None
     if out is None:
         out = np.empty(x.shape, dtype)
@@ -520,9 +522,9 @@ def _fast(checked, arrays, out):
 
 def fast_cross_entropy(arrays, out):
     """``KernelSpec.fast`` of ``cross_entropy``: see ``_fast``."""
-    return _fast(_checked_cross_entropy, arrays, out)
+    return _fast(_checked_cross_entropy, _cross_entropy_index, arrays, out)
 
 
 def fast_nll_loss(arrays, out):
     """``KernelSpec.fast`` of ``nll_loss``: see ``_fast``."""
-    return _fast(_checked_nll_loss, arrays, out)
+    return _fast(_checked_nll_loss, _nll, arrays, out)

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 #: Elements of the small (serial) inputs, and of the large (parallel) ones: above every
-#: built-in kernel's ``parallel_min`` (the multi-class kernels' is the highest, 131072).
+#: built-in kernel's ``parallel_min`` (nll_loss's is the highest, 131072).
 SERIAL_SIZE = 1024
 PARALLEL_SIZE = 1 << 18
 
