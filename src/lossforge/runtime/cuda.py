@@ -506,7 +506,7 @@ def group_sum3(sa, sb, sc, tid, lane, lanes, a, b, c):
 
 @device
 def group_max(sh, tid, lane, lanes, value):
-    """The maximum of ``value`` over the group (``a if a >= b else b``, as the CPU trees)."""
+    """The maximum of ``value`` over the group (``a if a >= b else b``)."""
     sh[tid] = value
     cuda.syncthreads()
     h = lanes // 2
