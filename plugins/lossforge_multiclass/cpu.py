@@ -51,6 +51,7 @@ def check_targets(t, classes, ignore_index, w):
     return ignore_index, denominator
 
 
+# both losses' target check: a scan of the targets alone, cheap enough to stay serial longest
 @parallel_kernel(parallel_min=NLL_PARALLEL_MIN)
 def _check_targets(t, classes, ignore_index, w):
     """(how many targets are out of range, summed weight of the others): counted without
@@ -104,7 +105,7 @@ def _total_weight(w, classes):
 SHORT_ROW_CLASSES = 256
 
 
-def long_rows(classes):
+def long_rows_for(classes):
     """The ``long_rows`` argument of the row kernels: ``None`` for rows of up to
     ``SHORT_ROW_CLASSES``, ``True`` for longer ones. A type, not a value: each kind of row
     compiles into a kernel of its own, without the other's code. With both in one kernel,
@@ -137,7 +138,7 @@ def _softmax_row(zs, e, scratch, long_rows):
 def _cross_entropy_index(
     z, t, w, ignore_index, smoothing, long_rows, loss_out, grad_out, go, scale
 ):
-    """``smoothing`` is ``None`` when there is none and ``long_rows`` is ``long_rows(C)``:
+    """``smoothing`` is ``None`` when there is none and ``long_rows`` is ``long_rows_for(C)``:
     types to Numba, so that each case compiles without the others' code (the serial variant
     ran rows of 100 15-20% faster without the smoothing code, on top of ``long_rows``)."""
     rows, classes = z.shape
@@ -425,7 +426,7 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
 def cross_entropy(p, loss_out, grads, grad_output, scale):
     _, probabilities, ignore_index, smoothing = p.params
     z = p.arrays[0]
-    long = long_rows(z.shape[1])
+    long = long_rows_for(z.shape[1])
     if probabilities:
         return _run(_cross_entropy_probs, p, loss_out, grads, grad_output, scale, smoothing, long)
     if z.shape[1] <= FEW_CLASSES:
@@ -480,7 +481,7 @@ def _checked_cross_entropy(x, t, out):
     scale = 1.0 / denominator
     if x.shape[1] <= FEW_CLASSES:
         total = _few_serial(x, t, None, IGNORE_INDEX, 0.0, None, out, None, scale)
-    elif x.shape[1] <= SHORT_ROW_CLASSES:  # long_rows(classes), as a type in each branch
+    elif x.shape[1] <= SHORT_ROW_CLASSES:  # long_rows_for(classes), as a type in each branch
         total = _index_serial(x, t, None, IGNORE_INDEX, None, None, None, out, None, scale)
     else:
         total = _index_serial(x, t, None, IGNORE_INDEX, None, True, None, out, None, scale)
