@@ -30,10 +30,10 @@ class _Device:
 # say which one.
 _dispatcher.get_current_device = lambda: _Device()
 
-import lossforge_binary.cuda as binary  # noqa: E402
-import lossforge_multiclass.cuda as multiclass  # noqa: E402
-import lossforge_regression.cuda as regression  # noqa: E402
-import lossforge_similarity.cuda as similarity  # noqa: E402
+import lossforge.plugins.binary.cuda as binary  # noqa: E402
+import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
+import lossforge.plugins.regression.cuda as regression  # noqa: E402
+import lossforge.plugins.similarity.cuda as similarity  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
 

@@ -220,7 +220,7 @@ def test_warmup_one_loss():
     ]
     assert lines == [str(w) for w in done] and all(w.seconds >= 0 for w in done)
     # Both variants of the regression kernel now hold a float32 signature.
-    module = importlib.import_module("lossforge_regression.cpu")
+    module = importlib.import_module("lossforge.plugins.regression.cpu")
     pairs = [k for k in vars(module).values() if isinstance(k, KernelPair)]
     assert pairs
     for variant in ("serial", "parallel"):
@@ -237,7 +237,7 @@ def test_warmup_compiles_every_cross_entropy_kernel():
     }
     from numba import types
 
-    module = importlib.import_module("lossforge_multiclass.cpu")
+    module = importlib.import_module("lossforge.plugins.multiclass.cpu")
     for variant in ("serial", "parallel"):
         few = getattr(module._cross_entropy_few, variant).signatures
         assert any(sig[0].dtype == types.float32 for sig in few)
@@ -259,7 +259,7 @@ def test_warmup_reductions_and_bad_names():
         "value_and_grad (none)",
     }
     # the fast path's compiled check-and-kernel is among what was compiled
-    fast = importlib.import_module("lossforge_multiclass.cpu")._checked_nll_loss
+    fast = importlib.import_module("lossforge.plugins.multiclass.cpu")._checked_nll_loss
     assert any("float64" in str(s) for s in fast.signatures)
     similarity = warmup(["cosine_similarity"], dtypes=("float64",), reductions=("mean", "none"))
     assert len(similarity) == 4  # not reduced: one set of variants

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from lossforge_multiclass import cpu as multiclass_cpu
+from lossforge.plugins.multiclass import cpu as multiclass_cpu
 from support import (
     assert_fast_path_is_general_path,
     assert_unchanged,

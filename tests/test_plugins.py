@@ -54,7 +54,7 @@ HEADER = """
 import numpy as np
 import lossforge
 from lossforge import KernelSpec, LossSpec
-import lossforge_regression
+import lossforge.plugins.regression
 """
 
 BROKEN = {
@@ -69,7 +69,7 @@ def lossforge_losses():
     + """
 @lossforge.hookimpl
 def lossforge_losses():
-    yield lossforge_regression.SPECS[0]  # mse_loss again
+    yield lossforge.plugins.regression.SPECS[0]  # mse_loss again
 """,
     "notaspec": HEADER
     + """
@@ -139,7 +139,7 @@ def test_strict_mode_raises(broken_site):
 @pytest.fixture(scope="module")
 def focal_installed():
     """The example third-party plugin, installed with pip into this environment."""
-    run(["-m", "pip", "install", "--no-deps", "-q", str(ROOT / "plugins" / "lossforge-focal")])
+    run(["-m", "pip", "install", "--no-deps", "-q", str(ROOT / "examples" / "lossforge-focal")])
 
 
 def test_example_plugin_found_through_its_entry_point(focal_installed):
@@ -166,7 +166,7 @@ def test_example_plugin_own_tests_pass(focal_installed):
             "-q",
             "-p",
             "no:cacheprovider",
-            str(ROOT / "plugins" / "lossforge-focal" / "tests"),
+            str(ROOT / "examples" / "lossforge-focal" / "tests"),
         ]
     )
     assert re.search(r"\d+ passed", result.stdout)
@@ -240,9 +240,9 @@ class Override:
 class BadKernels:
     @hookimpl
     def lossforge_losses(self):
-        import lossforge_regression
+        import lossforge.plugins.regression
 
-        base = lossforge_regression.SPECS[0]
+        base = lossforge.plugins.regression.SPECS[0]
         for name in ("raises_loss", "array_loss"):
             yield LossSpec(**{**base.__dict__, "name": name})
 
@@ -257,10 +257,10 @@ class BadKernels:
 
 
 def registry_with(*plugins):
-    import lossforge_regression
+    import lossforge.plugins.regression
 
-    registry = Registry(group=None)
-    registry.register(lossforge_regression, "regression")
+    registry = Registry(group=None, defaults=False)
+    registry.register(lossforge.plugins.regression, "regression")
     for plugin in plugins:
         registry.register(plugin, type(plugin).__name__.lower())
     return registry
@@ -278,7 +278,7 @@ def test_override_replaces_a_builtin_kernel():
 def test_override_also_replaces_the_fast_path():
     # the multi-class kernels come with a fast path; a plugin replacing the kernel without
     # one gets its own kernel on every call, the fast path's case included
-    import lossforge_multiclass
+    import lossforge.plugins.multiclass
 
     class OverrideCrossEntropy:
         @hookimpl(tryfirst=True)
@@ -286,7 +286,7 @@ def test_override_also_replaces_the_fast_path():
             yield KernelSpec("cross_entropy", "cpu", lambda p, *args: 42.0)
 
     registry = registry_with(OverrideCrossEntropy())
-    registry.register(lossforge_multiclass, "multiclass")
+    registry.register(lossforge.plugins.multiclass, "multiclass")
     x, t = np.ones((4, 3)), np.zeros(4, np.int64)
     assert registry.get("cross_entropy").value_and_grad(x, t)[0] == 42.0 / 4
     assert lf.cross_entropy.value_and_grad(x, t)[0] == pytest.approx(np.log(3))

@@ -1,5 +1,6 @@
-"""The plugin registry: loads plugins from the ``"lossforge"`` entry points once, isolates
-their failures, and resolves each loss's kernels once.
+"""The plugin registry: loads the built-in plugins (``lossforge.plugins.DEFAULT_PLUGINS``)
+and then the ``"lossforge"`` entry points, once, isolates their failures, and resolves each
+loss's kernels once.
 
 A plugin that fails to import, whose hook raises, that yields something that is not a
 ``LossSpec``/``KernelSpec``, or that declares a loss name another plugin already declared, is
@@ -24,6 +25,7 @@ import pluggy
 
 from lossforge import hookspecs
 from lossforge.hookspecs import KernelSpec, LossSpec
+from lossforge.plugins import DEFAULT_PLUGINS
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 STRICT_ENV = "LOSSFORGE_STRICT_PLUGINS"
@@ -56,8 +58,9 @@ class PluginInfo:
 class Registry:
     """Plugins and the losses they declare. Loading happens on first use, once."""
 
-    def __init__(self, group: str | None = ENTRY_POINT_GROUP):
+    def __init__(self, group: str | None = ENTRY_POINT_GROUP, defaults: bool = True):
         self._group = group
+        self._defaults = defaults
         self._lock = threading.RLock()
         self._loaded = False
         self._extra: list[tuple[str, Any]] = []
@@ -97,6 +100,11 @@ class Registry:
                     self._load_entry_point(ep)
             for name, plugin in self._extra:
                 self._add(name, plugin, source=f"registered {plugin!r}")
+            # pluggy calls the plugin registered last first: the built-ins, registered last,
+            # win a loss name or a kernel over any other plugin that does not use tryfirst
+            if self._defaults:
+                for name, module in DEFAULT_PLUGINS:
+                    self._load_default(name, module)
             self._collect()
             self._loaded = True
 
@@ -113,6 +121,14 @@ class Registry:
             self._fail(self._info(ep.name, source), f"import failed: {exc!r}")
             return
         self._add(ep.name, plugin, source)
+
+    def _load_default(self, name: str, module: str) -> None:
+        try:
+            plugin = importlib.import_module(module)
+        except Exception as exc:  # a broken family must not break the others
+            self._fail(self._info(name, f"built-in {module!r}"), f"import failed: {exc!r}")
+            return
+        self._add(name, plugin, f"built-in {module!r}")
 
     def _info(self, name: str, source: str) -> PluginInfo:
         info = self.plugins.get(name) or PluginInfo(name, source)

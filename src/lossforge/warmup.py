@@ -19,23 +19,15 @@ their first use.
 
 Where the cache lives
 ---------------------
-Numba writes the cache of a kernel into ``__pycache__`` beside the module that defines it
-(``lossforge_regression/__pycache__/*.nbi``, ``*.nbc``). When that directory is not writable
-(a read-only install: a system ``site-packages``, a read-only container layer), Numba falls
-back to a per-user directory, ``$XDG_CACHE_HOME/numba/`` (``~/.cache/numba/`` by default),
-in a subdirectory named after the package and a hash of its install path
-(``lossforge_regression_<sha1>/``). ``NUMBA_CACHE_DIR=/some/dir`` overrides
-both (for every module), e.g. to ship a warmed cache in an image or to share one between
-users; the directory must be writable by whoever compiles first. The cache is keyed on the
-source file's modification time and size, the Numba version and the CPU: a reinstall, an
-upgrade or another CPU model recompiles once. Run the warmup as the user (and with the
-``NUMBA_CACHE_DIR``) that will run the code.
-
-Checked on a read-only bind mount of a ``pip install --target`` tree: the first process
-compiled into ``~/.cache/numba/lossforge_regression_<sha1>/`` (3.7 s for ``mse_loss``'s
-float32 variants), the next one loaded from there (0.5 s, Numba's start included), nothing was
-written beside the sources; with ``XDG_CACHE_HOME`` or ``NUMBA_CACHE_DIR`` set, the cache went
-there instead.
+In a per-user directory keyed by lossforge's version, never inside the installed package
+(``lossforge.runtime.cache``): ``$XDG_CACHE_HOME/lossforge/<version>/`` (``~/.cache/...`` by
+default), or ``$LOSSFORGE_CACHE_DIR/<version>/``; ``NUMBA_CACHE_DIR=/some/dir`` overrides it
+(Numba's own setting, for every module), e.g. to ship a warmed cache in an image or to share
+one between users; the directory must be writable by whoever compiles first. An entry is
+keyed on its source file's contents, the Numba version and the CPU: an upgrade or another CPU
+model recompiles once. Run the warmup as the user (and with the environment) that will run
+the code. A read-only install works: nothing is written beside the sources
+(``tests/test_packaging.py`` checks an installed wheel's files before and after a call).
 
 Importing this module compiles nothing and does not import Numba.
 """

@@ -53,7 +53,16 @@ import numba
 import numpy as np
 from numba import cuda, float64
 
+from lossforge.runtime import cache
+
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+try:  # numba-cuda keeps its own cache locators; Numba's built-in CUDA target shares the CPU's
+    import numba.cuda.core.caching as _cuda_caching
+except ImportError:
+    pass
+else:
+    cache.install(_cuda_caching)
 
 #: Threads per block (a power of two). Part of the numerical result (the shape of the
 #: reduction trees): a constant, not a tuning knob. The simulator runs every thread as a

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import math
 
+import lossforge.plugins.binary
 from numba import cuda, float64
 
-import lossforge_binary
 from lossforge.runtime import cuda as rt
 from lossforge.runtime.cuda import NO_FLAG, THREADS
 
 BCE, BCE_LOGITS = 0, 1
 LOG_FLOOR = -100.0
-GRAD_EPSILON = lossforge_binary.cpu.GRAD_EPSILON  # PyTorch's float32 1e-12
+GRAD_EPSILON = lossforge.plugins.binary.cpu.GRAD_EPSILON  # PyTorch's float32 1e-12
 
 
 @rt.device
@@ -157,7 +157,7 @@ def binary(p, loss_out, grads, grad_output, scale):
     if kind == BCE or p.reduction in ("mean", "sum"):
         total, bad = rt.finish(scratch)
         if bad >= 0:
-            raise lossforge_binary.outside_unit(float(rt.element(x, bad)))
+            raise lossforge.plugins.binary.outside_unit(float(rt.element(x, bad)))
         return total
     return 0.0
 

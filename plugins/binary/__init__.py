@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from lossforge.plugins.binary.cpu import BCE, BCE_LOGITS, first_outside_unit
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
-from lossforge_binary.cpu import BCE, BCE_LOGITS, first_outside_unit
 
 _SHAPE = """
     Shape:
@@ -223,6 +223,6 @@ def lossforge_losses():
 def lossforge_kernels():
     for spec in SPECS:
         kernel = "multilabel" if spec.name == "multilabel_soft_margin_loss" else "binary"
-        cpu = "lossforge_binary.cpu"
+        cpu = "lossforge.plugins.binary.cpu"
         yield KernelSpec(spec.name, "cpu", f"{cpu}:{kernel}", fast=f"{cpu}:fast_{spec.name}")
-        yield KernelSpec(spec.name, "cuda", f"lossforge_binary.cuda:{kernel}")
+        yield KernelSpec(spec.name, "cuda", f"lossforge.plugins.binary.cuda:{kernel}")

@@ -16,9 +16,9 @@ gradient.
 from __future__ import annotations
 
 import numpy as np
+from lossforge.plugins.multiclass.cpu import IGNORE_INDEX, check_targets, ready_rows
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
-from lossforge_multiclass.cpu import IGNORE_INDEX, check_targets, ready_rows
 
 _SHAPE = """
     Shape:
@@ -45,7 +45,7 @@ def _prepare(name, arrays, options, backend):
         if backend == "cpu":
             check = check_targets
         else:
-            from lossforge_multiclass.cuda import check_targets as check
+            from lossforge.plugins.multiclass.cuda import check_targets as check
         bad, denominator = check(t, classes, ignore_index, weight if weight.size else None)
         if bad != ignore_index:
             raise IndexError(
@@ -238,6 +238,6 @@ def lossforge_losses():
 @hookimpl
 def lossforge_kernels():
     for name in ("cross_entropy", "nll_loss"):
-        cpu = "lossforge_multiclass.cpu"
+        cpu = "lossforge.plugins.multiclass.cpu"
         yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
-        yield KernelSpec(name, "cuda", f"lossforge_multiclass.cuda:{name}")
+        yield KernelSpec(name, "cuda", f"lossforge.plugins.multiclass.cuda:{name}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from lossforge.plugins.similarity import DEFAULT_EPS, DEFAULT_MARGIN
 from numba import prange
 
 from lossforge import validate
@@ -19,7 +20,6 @@ from lossforge.runtime.cpu import (
     parallel_kernel,
     tree_sum,
 )
-from lossforge_similarity import DEFAULT_EPS, DEFAULT_MARGIN
 
 
 @inline

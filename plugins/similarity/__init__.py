@@ -177,6 +177,6 @@ def lossforge_losses():
 @hookimpl
 def lossforge_kernels():
     for name in ("cosine_similarity", "cosine_embedding_loss"):
-        cpu = "lossforge_similarity.cpu"
+        cpu = "lossforge.plugins.similarity.cpu"
         yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
-        yield KernelSpec(name, "cuda", f"lossforge_similarity.cuda:{name}")
+        yield KernelSpec(name, "cuda", f"lossforge.plugins.similarity.cuda:{name}")

@@ -9,6 +9,7 @@ work removed, which is what lets LLVM vectorize the loop (a runtime flag does no
 from __future__ import annotations
 
 import numpy as np
+from lossforge.plugins.regression import DEFAULT_BETA, DEFAULT_DELTA
 from numba import prange
 
 from lossforge.runtime.cpu import (
@@ -23,7 +24,6 @@ from lossforge.runtime.cpu import (
     tree_sum,
     wide_vectors,
 )
-from lossforge_regression import DEFAULT_BETA, DEFAULT_DELTA
 
 MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3
 

@@ -175,7 +175,7 @@ def lossforge_kernels():
         yield KernelSpec(
             spec.name,
             "cpu",
-            "lossforge_regression.cpu:regression",
-            fast=f"lossforge_regression.cpu:fast_{spec.name}",
+            "lossforge.plugins.regression.cpu:regression",
+            fast=f"lossforge.plugins.regression.cpu:fast_{spec.name}",
         )
-        yield KernelSpec(spec.name, "cuda", "lossforge_regression.cuda:regression")
+        yield KernelSpec(spec.name, "cuda", "lossforge.plugins.regression.cuda:regression")
