@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lossforge.errors import PluginError, PluginWarning
 from lossforge.hookspecs import KernelSpec, LossSpec, hookimpl, hookspec
 from lossforge.loss import Loss
-from lossforge.registry import PluginError, PluginWarning, registry
+from lossforge.registry import registry
 from lossforge.validate import Prepared
 
 __version__ = "0.1.0"

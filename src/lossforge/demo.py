@@ -48,6 +48,7 @@ def _torch_value_and_grad(name: str, args: tuple[Any, ...], options: dict[str, A
 
 
 def main(args: Any) -> int:
+    torch: Any
     try:
         import torch
     except ImportError:

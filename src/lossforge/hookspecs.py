@@ -93,10 +93,10 @@ class KernelSpec:
 
 
 @hookspec
-def lossforge_losses() -> Iterable[LossSpec]:
+def lossforge_losses() -> Iterable[LossSpec]:  # type: ignore[empty-body]
     """Declare losses: yield or return :class:`LossSpec` records."""
 
 
 @hookspec
-def lossforge_kernels() -> Iterable[KernelSpec]:
+def lossforge_kernels() -> Iterable[KernelSpec]:  # type: ignore[empty-body]
     """Supply kernels: yield or return :class:`KernelSpec` records."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lossforge import dispatch, validate
+from lossforge.errors import PluginError
 from lossforge.hookspecs import LossSpec
 
 # Errors a kernel may raise on purpose (e.g. a class index found out of range); any other
@@ -139,7 +140,8 @@ class Loss:
         reduced = p.reduction == "mean" or p.reduction == "sum"
         go = None
         scale = 1.0
-        grads = finals = None
+        grads: Any = None  # the kernel's gradient buffers, then what the caller gets
+        finals: Any = None
         if want_grad:
             if reduced:
                 g = 1.0 if grad_output is None else _scalar("grad_output", grad_output)
@@ -181,19 +183,15 @@ class Loss:
         except _CONTRACT_ERRORS:
             raise
         except Exception as exc:
-            from lossforge.registry import PluginError
-
             raise PluginError(
                 f"the {p.backend} kernel of {self.name!r} from plugin {plugin!r} failed: {exc!r}"
             ) from exc
         if not isinstance(total, (float, int, np.floating, np.integer)):
-            from lossforge.registry import PluginError
-
             raise PluginError(
                 f"the {p.backend} kernel of {self.name!r} from plugin {plugin!r} returned "
                 f"{type(total).__name__}, not the float sum of the losses"
             )
-        return total
+        return float(total)
 
     def _grad_output_array(self, grad_output: Any, p: Any) -> Any:
         g = validate.as_array(grad_output, p.backend)

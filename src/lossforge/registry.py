@@ -24,20 +24,13 @@ from typing import Any
 import pluggy
 
 from lossforge import hookspecs
+from lossforge.errors import PluginError, PluginWarning
 from lossforge.hookspecs import KernelSpec, LossSpec
+from lossforge.loss import Loss
 from lossforge.plugins import DEFAULT_PLUGINS
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 STRICT_ENV = "LOSSFORGE_STRICT_PLUGINS"
-
-
-class PluginWarning(UserWarning):
-    """A plugin was skipped, wholly or in part; the message says which and why."""
-
-
-class PluginError(RuntimeError):
-    """A plugin failed (raised in strict mode, and when a plugin's kernel breaks at call
-    time); the message names the plugin."""
 
 
 @dataclass
@@ -207,7 +200,7 @@ class Registry:
         self.ensure_loaded()
         return sorted(self.specs)
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> Loss:
         loss = self.losses.get(name)
         if loss is not None and self._loaded:
             return loss
@@ -220,8 +213,6 @@ class Registry:
                     close = difflib.get_close_matches(name, self.specs, n=3, cutoff=0.5)
                     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                     raise KeyError(f"no loss named {name!r}{hint} (see lossforge.list_losses())")
-                from lossforge.loss import Loss
-
                 loss = self.losses[name] = Loss(spec, self.owners[name], self)
             return loss
 
