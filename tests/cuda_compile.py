@@ -32,7 +32,7 @@ _dispatcher.get_current_device = lambda: _Device()
 
 import lossforge.plugins.binary.cuda as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
-import lossforge.plugins.regression.cuda as regression  # noqa: E402
+import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.similarity.cuda as similarity  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
@@ -51,7 +51,18 @@ def signatures(dtype):
         (rt._gather, (_array(np.float32, 8, "A"), _array(np.float16))),
         (rt._gather, (_array(np.int32, 8, "A"), index)),
         (rt._sum, (a, scratch)),
-        (regression._regression, (i, a, a, a, f, f, a, a, a, f, scratch)),
+        *[
+            (
+                rt.elementwise_kernel(k.formula, k.invalid, f"check_{k.__name__}"),
+                (a, a, a, a, p, a, a, a, f, scratch),
+            )
+            for k, p in [
+                (regression.KERNELS["mse_loss"][0], types.UniTuple(f, 1)),
+                (regression.KERNELS["l1_loss"][0], types.UniTuple(f, 1)),
+                (regression.KERNELS["smooth_l1_loss"][0], types.UniTuple(f, 2)),
+                (regression.KERNELS["huber_loss"][0], types.UniTuple(f, 1)),
+            ]
+        ],
         (binary._binary, (i, a, a, a, a, a, a, a, f, scratch)),
         (binary._multilabel, (a, a, a, i, i, a, a, a, f, i, scratch)),
         (multiclass._check_targets, (index, i, i, a, scratch)),

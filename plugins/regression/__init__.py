@@ -1,6 +1,7 @@
 """The regression family: ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``.
 
-A built-in plugin, registered through the ``"lossforge"`` entry point like any other.
+A built-in plugin, registered through the same hooks as any other; its kernels are made from
+the four formulas below by ``lossforge.kernels.Elementwise``.
 Semantics are PyTorch 2.13's, including the element-wise ``weight`` (same shape as the
 input): ``"mean"`` divides by the summed weights for ``mse_loss``/``l1_loss`` and by the
 element count for ``huber_loss``. Input and target must have the same shape (PyTorch
@@ -13,9 +14,9 @@ import math
 
 import numpy as np
 
-from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge import LossSpec, Prepared, hookimpl, validate
+from lossforge.kernels import Elementwise
 
-MSE, L1, SMOOTH_L1, HUBER = 0, 1, 2, 3  # the kernels' switch (see cpu.py)
 #: The default ``beta`` of smooth_l1_loss and ``delta`` of huber_loss.
 DEFAULT_BETA = DEFAULT_DELTA = 1.0
 
@@ -26,18 +27,66 @@ _SHAPE = """
 """
 
 
-def _prepare(kind, param, weighted_mean, arrays, options, backend):
-    weight = options.get("weight")
+# The formulas: (loss, d loss / d input) of one element in float64, selects rather than
+# branches so that the loops vectorize, PyTorch's values at the boundaries and for nan.
+
+
+def mse(x, y, a, p):
+    d = x - y
+    return d * d, 2.0 * d
+
+
+def l1(x, y, a, p):  # PyTorch's sign: 0 for nan
+    d = x - y
+    g = 1.0 if d > 0 else 0.0
+    g = -1.0 if d < 0 else g
+    return abs(d), g
+
+
+def smooth_l1(x, y, a, p):
+    """p = (beta, 1 / beta); beta = 0 (inverse 0) is l1, as PyTorch computes it then."""
+    beta, inverse = p
+    d = x - y
+    ad = abs(d)
+    loss = 0.5 * d * d * inverse if ad < beta else ad - 0.5 * beta
+    g = d * inverse if beta > 0 else 0.0
+    g = 1.0 if d >= beta and d > 0 else g
+    g = -1.0 if d <= -beta and d < 0 else g
+    return loss, g
+
+
+def huber(x, y, a, p):
+    """p = (delta,), delta > 0."""
+    (delta,) = p
+    d = x - y
+    ad = abs(d)
+    loss = 0.5 * d * d if ad < delta else delta * (ad - 0.5 * delta)
+    g = delta if d >= delta else d
+    g = -delta if d <= -delta else g
+    return loss, g
+
+
+# 512-bit vectors for float32 smooth L1 and Huber (10^6 in cache: 15-38% faster, 10^7:
+# 3-18%); not for MSE and L1, whose elements are the cheapest (MSE 5% slower at 10^7, L1 5%
+# at 10^6 and 10^7), nor for float64 input, where all four measured 6-25% slower.
+KERNELS = {
+    "mse_loss": (Elementwise(mse), ()),
+    "l1_loss": (Elementwise(l1), ()),
+    "smooth_l1_loss": (Elementwise(smooth_l1, wide=("float32",)), (DEFAULT_BETA, DEFAULT_BETA)),
+    "huber_loss": (Elementwise(huber, wide=("float32",)), (DEFAULT_DELTA,)),
+}
+
+
+def _prepare(params, weighted_mean, arrays, options, backend):
     (x, y), w, dtype, dtypes, shape = validate.elementwise(
-        arrays, ("input", "target"), weight, backend
+        arrays, ("input", "target"), options.get("weight"), backend
     )
     n = math.prod(shape)
-    denominator = validate.total(w, backend) if weighted_mean and w.size else float(n)
     return Prepared(
-        arrays=(x, y, w),
-        params=(kind, param),
+        arrays=(x, y, w, None),
+        params=params,
         reduction=options["reduction"],
-        denominator=denominator,
+        denominator=validate.total(w, backend) if weighted_mean and w.size else float(n),
         value_shape=shape,
         grad_shapes=(shape,),
         dtype=dtype,
@@ -47,25 +96,24 @@ def _prepare(kind, param, weighted_mean, arrays, options, backend):
 
 
 def _prepare_mse(arrays, options, backend):
-    return _prepare(MSE, 0.0, True, arrays, options, backend)
+    return _prepare({}, True, arrays, options, backend)
 
 
 def _prepare_l1(arrays, options, backend):
-    return _prepare(L1, 0.0, True, arrays, options, backend)
+    return _prepare({}, True, arrays, options, backend)
 
 
 def _prepare_smooth_l1(arrays, options, backend):
     beta = validate.check_nonnegative("beta", options["beta"])
-    if beta == 0:  # PyTorch computes l1_loss then, gradient included
-        return _prepare(L1, 0.0, False, arrays, options, backend)
-    return _prepare(SMOOTH_L1, beta, False, arrays, options, backend)
+    params = {"beta": beta, "inverse": 1.0 / beta if beta > 0 else 0.0}
+    return _prepare(params, False, arrays, options, backend)
 
 
 def _prepare_huber(arrays, options, backend):
     delta = validate.check_nonnegative("delta", options["delta"])
     if delta == 0:
         raise ValueError("delta must be positive (huber_loss is undefined for delta = 0), got 0.0")
-    return _prepare(HUBER, delta, False, arrays, options, backend)
+    return _prepare({"delta": delta}, False, arrays, options, backend)
 
 
 # float64 references for the conformance kit: per-element losses.
@@ -171,11 +219,5 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for spec in SPECS:
-        yield KernelSpec(
-            spec.name,
-            "cpu",
-            "lossforge.plugins.regression.cpu:regression",
-            fast=f"lossforge.plugins.regression.cpu:fast_{spec.name}",
-        )
-        yield KernelSpec(spec.name, "cuda", "lossforge.plugins.regression.cuda:regression")
+    for name, (kernel, defaults) in KERNELS.items():
+        yield from kernel.specs(name, defaults)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
 import numpy as np
+from numba import prange
 from numba.core import types as nb_types
 from numba.extending import intrinsic
 
 from lossforge import validate
+from lossforge.kernels import clone
+from lossforge.runtime import mathfn
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
 #: rounding of sums, so it is a constant, not a tuning knob.
@@ -162,14 +164,26 @@ def finish_element(k, loss, g, ws, ls, gs, gos, scale):
 class KernelPair:
     """One kernel body compiled twice: serial for inputs under ``parallel_min`` elements,
     parallel (``prange``) for larger ones. The variants get distinct names so Numba's
-    on-disk cache keeps both."""
+    on-disk cache keeps both. ``name`` and ``namespace`` (globals overlaid on the body's)
+    make a template body into one formula's kernel (``lossforge.kernels``)."""
 
-    def __init__(self, fn: Callable, parallel_min: int = PARALLEL_MIN):
-        self.serial = numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(fn, "serial"))
-        self.parallel = numba.njit(parallel=True, **JIT_OPTIONS)(_renamed(fn, "parallel"))
+    def __init__(
+        self,
+        fn: Callable,
+        parallel_min: int = PARALLEL_MIN,
+        name: str | None = None,
+        namespace: dict[str, Any] | None = None,
+    ):
+        name = name or fn.__name__
+        self.serial = numba.njit(parallel=False, **JIT_OPTIONS)(
+            clone(fn, f"{name}_serial", namespace)
+        )
+        self.parallel = numba.njit(parallel=True, **JIT_OPTIONS)(
+            clone(fn, f"{name}_parallel", namespace)
+        )
         self.parallel_min = parallel_min
         self.__doc__ = fn.__doc__
-        self.__name__ = fn.__name__
+        self.__name__ = name
 
     def __call__(self, n: int, *args: Any) -> Any:
         """Run on ``n`` elements of work, choosing the variant by size."""
@@ -195,16 +209,6 @@ def parallel_kernel(fn: Callable | None = None, *, parallel_min: int = PARALLEL_
     if fn is None:
         return lambda f: KernelPair(f, parallel_min)
     return KernelPair(fn, parallel_min)
-
-
-def _renamed(fn: Callable, suffix: str) -> Callable:
-    clone = types.FunctionType(
-        fn.__code__, fn.__globals__, f"{fn.__name__}_{suffix}", fn.__defaults__, fn.__closure__
-    )
-    clone.__qualname__ = f"{fn.__qualname__}_{suffix}"
-    clone.__module__ = fn.__module__
-    clone.__doc__ = fn.__doc__
-    return clone
 
 
 def ready_elementwise(arrays: tuple[Any, ...], out: Any) -> tuple[Any, ...] | None:
@@ -236,3 +240,126 @@ def threads(n: int) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(before)
+
+
+# -- template bodies (lossforge.kernels): ``formula`` and ``invalid`` are a loss's, given
+# to each kernel made from them through ``KernelPair(namespace=...)`` -----------------------
+
+
+def formula(x, y, a, p):
+    """Placeholder for a formula ``(x, y, a, p) -> (loss, d loss / d x)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def invalid(x, y):
+    """Placeholder for a formula's domain check ``(x, y) -> bool``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def _at(values, k, absent):
+    """``values[k]``, or ``absent`` when there are no values (``None``: compiled out)."""
+    if values is None:
+        return absent
+    return values[k]
+
+
+def float64_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
+    """An element-wise formula in float64 over flat arrays (absent ones ``None``, compiled
+    out): the loss of element ``k`` of every ``TILE``-element tile of a chunk goes to running
+    sum ``k`` (adds along a vector, not across it; whole tiles run a loop of constant length,
+    which vectorizes without a remainder loop), ``tree_sum`` adds the 64 sums at the chunk's
+    end. ``wide``: ``True`` for 512-bit vectors, ``None`` not (a None argument is pruned
+    before lowering: two compilations of one body)."""
+    n = x.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    partials = np.empty(chunks)
+    for c in prange(chunks):
+        if wide is not None:
+            wide_vectors()
+        sums = np.zeros(TILE)
+        end = min(c * CHUNK + CHUNK, n)
+        whole = end - end % TILE  # only the last chunk can end in a partial tile
+        for lo in range(c * CHUNK, whole, BLOCK):
+            hi = min(lo + BLOCK, whole)
+            xs = x[lo:hi]
+            ys = y[lo:hi]
+            as_ = None if a is None else a[lo:hi]
+            ws = None if w is None else w[lo:hi]
+            ls = None if loss_out is None else loss_out[lo:hi]
+            gs = None if grad_out is None else grad_out[lo:hi]
+            gos = None if go is None else go[lo:hi]
+            for t0 in range(0, xs.size, TILE):
+                for k in range(TILE):
+                    j = t0 + k
+                    loss, g = formula(
+                        np.float64(xs[j]), np.float64(ys[j]), np.float64(_at(as_, j, 1.0)), p
+                    )
+                    sums[k] += finish_element(j, loss, g, ws, ls, gs, gos, scale)
+        for k in range(end - whole):  # under 64 elements
+            j = whole + k
+            loss, g = formula(np.float64(x[j]), np.float64(y[j]), np.float64(_at(a, j, 1.0)), p)
+            sums[k] += finish_element(j, loss, g, w, loss_out, grad_out, go, scale)
+        partials[c] = tree_sum(sums)
+    return ordered_sum(partials)
+
+
+def native_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
+    """An element-wise formula in the input's precision over flat arrays (float32 runs 16
+    lanes a vector): a block's losses, stored in that precision (a float64 store in the loop
+    would halve its vector width), are widened and summed by ``widened_sum``; the chunk adds
+    its blocks in order."""
+    n = x.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    partials = np.empty(chunks)
+    one = mathfn.like(x, 1.0)
+    scale = mathfn.like(x, scale)
+    for c in prange(chunks):
+        if wide is not None:
+            wide_vectors()
+        losses = np.empty(BLOCK, x.dtype)
+        buf = np.empty(BLOCK)
+        s = 0.0
+        end = min(c * CHUNK + CHUNK, n)
+        for lo in range(c * CHUNK, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            xs = x[lo:hi]
+            ys = y[lo:hi]
+            as_ = None if a is None else a[lo:hi]
+            ws = None if w is None else w[lo:hi]
+            ls = None if loss_out is None else loss_out[lo:hi]
+            gs = None if grad_out is None else grad_out[lo:hi]
+            gos = None if go is None else go[lo:hi]
+            for k in range(hi - lo):
+                loss, g = formula(xs[k], ys[k], _at(as_, k, one), p)
+                losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
+            s += widened_sum(losses, hi - lo, buf)
+        partials[c] = s
+    return ordered_sum(partials)
+
+
+def count_invalid(x, y):
+    """How many elements a formula's ``invalid`` flags (nan is for the formula to decide).
+    Counted without branches, so the loop vectorizes; a search for the first one stops
+    vectorization and cost more than the loss itself."""
+    n = x.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    counts = np.empty(chunks, np.int64)
+    for c in prange(chunks):
+        lo = c * CHUNK
+        xs = x[lo : min(lo + CHUNK, n)]
+        ys = y[lo : min(lo + CHUNK, n)]
+        count = 0
+        for i in range(xs.size):
+            count += invalid(xs[i], ys[i])
+        counts[c] = count
+    return counts.sum()
+
+
+def first_invalid(x, y):
+    """The index of the first element ``invalid`` flags, or -1 (after ``count_invalid``
+    found one: this search runs on bad input only)."""
+    for i in range(x.size):
+        if invalid(x[i], y[i]):
+            return i
+    return -1

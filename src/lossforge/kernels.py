@@ -1,0 +1,241 @@
+"""Kernels from formulas: a loss's per-element math, written once, made into its CPU and CUDA
+kernels.
+
+A formula is a plain function of one element::
+
+    def huber(x, y, a, p):          # input, target, auxiliary value, parameters
+        d = x - y
+        ...
+        return loss, gradient       # d loss / d x
+
+- ``x``, ``y``: the input and target elements; ``a``: the element of the loss's optional
+  auxiliary array (e.g. ``pos_weight``), or 1 where the loss has none; ``p``: a tuple of
+  float parameters (``Prepared.params`` in order, e.g. ``(delta,)``).
+- Arithmetic, comparisons and selects (``v if c else w``), ``abs``, ``min``/``max``, and the
+  functions of ``lossforge.runtime.mathfn`` (``exp``, ``log``, ``log1p``,
+  ``exp_nonpositive``, ``log_native``, ``log1p_unit_native``, ``like``) called through that
+  module: on the GPU the template gives the formula CUDA versions of them. Selects, not
+  ``if`` statements, so that the CPU loop vectorizes.
+
+:class:`Elementwise` makes, from a formula, the CPU kernel (fixed chunks of
+``runtime.cpu.CHUNK`` elements and float64 sums added in a fixed order, so results are the
+same for any thread count; a serial variant below ``parallel_min`` elements; Numba's on-disk
+cache), the CUDA kernel (grid-stride loop, per-block partial sums, an error flag), and the
+fast small-input lane of ``value_and_grad`` with default options. The element-wise weight,
+per-element losses, ``grad_output``, the reduction's scale and ``out=`` are the template's,
+never the formula's. Two precisions:
+
+- ``native=False``: the formula runs in float64 (x and y converted), and element ``k`` of
+  every 64-element tile goes to running sum ``k`` (vector adds), for cheap formulas that are
+  memory-bound (the regression family);
+- ``native=True``: the formula runs in the input's precision (float32 SIMD for float32
+  input, as PyTorch computes), a block's losses are summed by ``runtime.cpu.widened_sum`` in
+  float64; for formulas with ``exp``/``log`` (the binary family). Constants then come through
+  ``mathfn.like(x, c)``, so that a float32 formula stays float32.
+
+Hand-written kernels remain possible through ``KernelSpec`` for what a template cannot
+express (the cross-entropy and cosine kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from lossforge.hookspecs import KernelSpec
+
+Formula = Callable[..., Any]
+
+
+class Elementwise:
+    """The kernels of an element-wise loss from its formula.
+
+    formula: ``(x, y, a, p) -> (loss, d loss / d x)``, see the module docstring.
+    native: compute in the input's precision (True) or in float64 (False).
+    wide: dtypes (``"float32"``, ``"float64"``) whose CPU kernel uses 512-bit vectors
+        (``runtime.cpu.wide_vectors``): a measured choice per formula.
+    invalid: optional ``(x, y) -> bool`` formula, True for an element outside the loss's
+        domain; ``error(index, x, y)`` returns the exception the call raises for the first
+        such element (the CPU checks in its own vectorized pass, the GPU in the kernel).
+    parallel_min: elements from which the CPU runs the parallel variant.
+
+    ``Prepared.arrays`` is ``(input, target, weight, auxiliary)`` (``None`` for absent ones)
+    and ``Prepared.params`` the formula's parameters by name, in the order of ``p``.
+    """
+
+    def __init__(
+        self,
+        formula: Formula,
+        *,
+        native: bool = False,
+        wide: tuple[str, ...] = (),
+        invalid: Formula | None = None,
+        error: Callable[[int, Any, Any], Exception] | None = None,
+        parallel_min: int | None = None,
+    ):
+        if (invalid is None) != (error is None):
+            raise TypeError("invalid and error go together")
+        self.formula = formula
+        self.native = native
+        self.wide = frozenset(np.dtype(d) for d in wide)
+        self.invalid = invalid
+        self.error = error
+        self.parallel_min = parallel_min
+        self.__name__ = formula.__name__
+        self.__doc__ = formula.__doc__
+        self._cuda: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Elementwise {self.formula.__module__}.{self.formula.__qualname__}>"
+
+    # -- CPU -----------------------------------------------------------------------------
+    @functools.cached_property
+    def kernel(self) -> Any:
+        """The serial/parallel ``KernelPair`` (compiled on first call, then cached on disk):
+        ``kernel(n, x, y, w, a, p, loss_out, grad_out, go, scale, wide)`` on flat arrays,
+        ``None`` for absent ones, returns the float64 sum of the (weighted) losses."""
+        from lossforge.runtime import cpu
+
+        body = cpu.native_elementwise if self.native else cpu.float64_elementwise
+        return cpu.KernelPair(
+            body,
+            **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
+            name=_kernel_name(self.formula, body.__name__),
+            namespace={"formula": cpu.inline(self.formula)},
+        )
+
+    @functools.cached_property
+    def _checks(self) -> tuple[Any, Any]:
+        """(count, first) of the elements ``invalid`` flags: a vectorized count on every
+        call, the search for the first on bad input only."""
+        from lossforge.runtime import cpu
+
+        assert self.invalid is not None
+        namespace = {"invalid": cpu.inline(self.invalid)}
+        count = cpu.KernelPair(
+            cpu.count_invalid,
+            name=_kernel_name(self.invalid, "count_invalid"),
+            namespace=namespace,
+        )
+        name = _kernel_name(self.invalid, "first_invalid")
+        return count, cpu.jit(clone(cpu.first_invalid, name, namespace))
+
+    def _check(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Raise the formula's error for its first invalid element, if there is one."""
+        if self.invalid is None:
+            return
+        count, first = self._checks
+        if count(x.size, x, y):
+            i = first(x, y)
+            raise self.error(i, x[i], y[i])  # type: ignore[misc]
+
+    def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on the CPU."""
+        x, y, w, a = (None if v is None else v.ravel() for v in p.arrays)
+        self._check(x, y)
+        return self.kernel(
+            x.size,
+            x,
+            y,
+            w if w is not None and w.size else None,
+            a,
+            tuple(float(v) for v in p.params.values()),
+            None if loss_out is None else loss_out.ravel(),
+            grads[0].ravel() if grads else None,
+            grad_output.ravel() if grads and grad_output is not None else None,
+            scale,
+            True if x.dtype in self.wide else None,
+        )
+
+    def fast(self, arrays: tuple[Any, ...], out: Any, params: tuple[float, ...] = ()) -> Any:
+        """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``,
+        ``params``): the general path's kernel and arguments without its per-call layers, for
+        NumPy arrays that are already what the kernel takes; ``None`` for anything else, bad
+        input included (the general path then says what is wrong)."""
+        from lossforge.runtime.cpu import ready_elementwise
+
+        ready = ready_elementwise(arrays, out)
+        if ready is None:
+            return None
+        x, y, out, grad = ready
+        n = x.size
+        if self.invalid is not None and self._checks[0](n, x, y):
+            return None
+        wide = True if x.dtype in self.wide else None
+        total = self.kernel(n, x, y, None, None, params, None, grad, None, 1 / n, wide)
+        return out.dtype.type(total / n), out
+
+    # -- CUDA ----------------------------------------------------------------------------
+    def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on CUDA (the CUDA stack is imported on first call)."""
+        from lossforge.runtime import cuda as rt
+
+        if self._cuda is None:
+            self._cuda = rt.elementwise_kernel(
+                self.formula,
+                self.invalid,
+                _kernel_name(self.formula, "cuda_elementwise"),
+            )
+        x, y, w, a = p.arrays
+        n = x.size
+        if n == 0:
+            return 0.0
+        dtype = p.dtype
+        blocks = rt.blocks_for(n)
+        scratch = rt.partials(blocks)
+        self._cuda[blocks, rt.THREADS, rt.stream()](
+            rt.flat(x, dtype),
+            rt.flat(y, dtype),
+            rt.flat(w, dtype),
+            rt.flat(a, dtype),
+            tuple(float(v) for v in p.params.values()) or (0.0,),  # no empty tuple argument
+            rt.flat(loss_out, dtype),
+            rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+            float(scale),
+            scratch,
+        )
+        if self.invalid is None and p.reduction not in ("mean", "sum"):
+            return 0.0
+        total, bad = rt.finish(scratch)
+        if bad >= 0:
+            raise self.error(bad, rt.element(x, bad), rt.element(y, bad))  # type: ignore[misc]
+        return total
+
+    # -- registration --------------------------------------------------------------------
+    def specs(self, loss: str, defaults: tuple[float, ...] = ()) -> Iterator[KernelSpec]:
+        """The CPU (with its fast lane, ``defaults`` being the parameters of the default
+        options) and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``."""
+        yield KernelSpec(loss, "cpu", self.cpu, fast=functools.partial(self.fast, params=defaults))
+        yield KernelSpec(loss, "cuda", self.cuda)
+
+
+def _kernel_name(formula: Formula, template: str) -> str:
+    """A kernel's name: its template, its formula, and a digest of the formula's module
+    source. Numba's disk cache keys a kernel on the template's file and this name; the digest
+    makes an edited formula (or a helper beside it) a new kernel instead of a stale hit."""
+    module = sys.modules.get(formula.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = formula.__code__.co_code.hex()
+    digest = hashlib.sha1(source.encode()).hexdigest()[:10]
+    return f"{template}_{formula.__module__.replace('.', '_')}_{formula.__name__}_{digest}"
+
+
+def clone(fn: Callable, name: str, namespace: dict[str, Any] | None = None) -> Callable:
+    """``fn`` under another name, its globals overlaid with ``namespace``: how a template's
+    body is specialised to a formula (Numba resolves globals when it compiles)."""
+    glob = fn.__globals__ if namespace is None else {**fn.__globals__, **namespace}
+    copy = types.FunctionType(fn.__code__, glob, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = name
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
