@@ -14,7 +14,7 @@ from typing import Any
 
 from lossforge.hookspecs import KernelSpec, LossSpec, hookimpl, hookspec
 from lossforge.loss import Loss
-from lossforge.registry import PluginError, PluginWarning, registry
+from lossforge.registry import PluginError, PluginOverrideWarning, PluginWarning, registry
 from lossforge.validate import Prepared
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "Loss",
     "LossSpec",
     "PluginError",
+    "PluginOverrideWarning",
     "PluginWarning",
     "Prepared",
     "get",
