@@ -9,20 +9,28 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lossforge as lf
-from lossforge import KernelSpec, LossSpec, PluginError, PluginWarning, hookimpl
+from lossforge import (
+    KernelSpec,
+    LossSpec,
+    PluginError,
+    PluginOverrideWarning,
+    PluginWarning,
+    hookimpl,
+)
 from lossforge.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args, env_path=None, strict=False, check=True):
-    env = dict(os.environ)
+def run(args, env_path=None, strict=False, check=True, **variables):
+    env = {**os.environ, **variables}
     if env_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(env_path), env.get("PYTHONPATH", "")])
     if strict:
@@ -77,7 +85,22 @@ def lossforge_losses():
 def lossforge_losses():
     yield "mse_loss"
 """,
+    # SystemExit is no exception to the rule: a plugin must not end the host process
+    "importexits": "import sys\nsys.exit(3)",
+    "hookexits": HEADER
+    + """
+@lossforge.hookimpl
+def lossforge_losses():
+    raise SystemExit("bye")
+""",
 }
+
+
+def line_of(name, text):
+    """The line number of ``text`` in the fake plugin ``name``'s module."""
+    lines = textwrap.dedent(BROKEN[name]).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
 
 # -- entry points, in fresh processes -------------------------------------------------------
 
@@ -115,6 +138,16 @@ print(json.dumps({"value": value, "names": names, "plugin": plugin,
     )
     assert "declares loss 'mse_loss', already declared by plugin 'regression'" in text
     assert "hook lossforge_losses yielded 'mse_loss', not a LossSpec" in text
+    assert "plugin 'importexits'" in text and "import failed: SystemExit(3)" in text
+    assert "hook lossforge_losses raised SystemExit('bye')" in text
+    # where each exception came from: the plugin's file and line
+    for name, raising in [
+        ("importfails", "raise"),
+        ("hookraises", "raise"),
+        ("hookexits", "raise"),
+    ]:
+        where = f"lossforge_test_{name}.py:{line_of(name, raising)}"
+        assert re.search(rf"plugin '{name}' .* at \S*{re.escape(where)}", text), (name, text)
 
 
 def test_cli_lists_failures(broken_site):
@@ -126,12 +159,58 @@ def test_cli_lists_failures(broken_site):
     assert "mse_loss" in listing
 
 
+def test_cli_lists_failures_in_strict_mode(broken_site):
+    # strict mode fails the listing, after listing every failure (not a traceback at the first)
+    result = run(["-m", "lossforge", "plugins"], broken_site, strict=True, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for name in BROKEN:
+        assert f"{name}  [FAILED]" in result.stdout
+    assert "regression  [ok]" in result.stdout
+    listing = run(["-m", "lossforge", "list"], broken_site, strict=True, check=False)
+    assert listing.returncode == 1 and "Traceback" not in listing.stderr
+    assert "lossforge: error: lossforge plugin 'importexits'" in listing.stderr
+
+
+@pytest.mark.parametrize(
+    "variables, loaded",
+    [
+        ({"LOSSFORGE_DISABLE_PLUGIN_AUTOLOAD": "1"}, set()),
+        (
+            {"LOSSFORGE_PLUGINS_BLOCK": "importfails, hookexits,regression"},
+            set(BROKEN) - {"importfails", "hookexits"},
+        ),
+        ({"LOSSFORGE_PLUGINS_ALLOW": "notaspec,duplicate"}, {"notaspec", "duplicate"}),
+    ],
+)
+def test_environment_turns_third_party_plugins_off(broken_site, variables, loaded):
+    result = run(["-m", "lossforge", "plugins"], broken_site, check=False, **variables)
+    for name in BROKEN:
+        status = "FAILED" if name in loaded else "skipped"
+        assert f"{name}  [{status}]" in result.stdout, (name, result.stdout)
+    for name in BROKEN.keys() - loaded:  # not imported at all: no warning about it
+        assert f"plugin '{name}'" not in result.stderr
+    # the built-in families always load, even when named in the block list
+    assert re.search(r"regression  \[ok\]  .*\(built-in\)", result.stdout)
+    assert result.returncode == 0
+
+
+def test_registry_arguments_turn_plugins_off():
+    registry = Registry(autoload=False)
+    assert "cross_entropy" in registry.names()
+    for info in registry.plugins.values():
+        assert info.builtin != bool(info.skipped), info
+    allowed = Registry(allow=(), block=None)
+    allowed.ensure_loaded()
+    assert all(info.builtin or info.skipped for info in allowed.plugins.values())
+
+
 def test_strict_mode_raises(broken_site):
     result = run(
         ["-c", "import lossforge; lossforge.list_losses()"], broken_site, strict=True, check=False
     )
     assert result.returncode != 0
-    assert "PluginError" in result.stderr and "importfails" in result.stderr
+    # the first failure in entry-point order; SystemExit(3) became a PluginError
+    assert "PluginError" in result.stderr and "importexits" in result.stderr
     # importing alone loads no plugin, so it never fails
     run(["-c", "import lossforge"], broken_site, strict=True)
 
@@ -268,13 +347,21 @@ def registry_with(*plugins):
 
 def test_override_replaces_a_builtin_kernel():
     registry = registry_with(Override())
-    loss = registry.get("mse_loss")
+    with pytest.warns(
+        PluginOverrideWarning,
+        match="plugin 'override' .* replaces the cpu kernel of 'mse_loss' from built-in "
+        "plugin 'regression'",
+    ) as caught:
+        loss = registry.get("mse_loss")
+    assert len(caught) == 1  # once, not per call
+    loss(np.ones(3), np.zeros(3))
     assert loss(np.ones(3), np.zeros(3), reduction="sum") == 42.0
     assert loss.plugin == "regression" and loss.suppliers["cpu"] == "override"
     assert loss.suppliers["cuda"] == "regression"  # only the overridden backend changes
     assert lf.mse_loss(np.ones(3), np.zeros(3), reduction="sum") == 3.0  # the global one
 
 
+@pytest.mark.filterwarnings("ignore::lossforge.PluginOverrideWarning")
 def test_override_also_replaces_the_fast_path():
     # the multi-class kernels come with a fast path; a plugin replacing the kernel without
     # one gets its own kernel on every call, the fast path's case included
@@ -292,6 +379,7 @@ def test_override_also_replaces_the_fast_path():
     assert lf.cross_entropy.value_and_grad(x, t)[0] == pytest.approx(np.log(3))
 
 
+@pytest.mark.filterwarnings("ignore::lossforge.PluginOverrideWarning")
 def test_unloadable_fast_path_names_the_plugin():
     class Missing:
         @hookimpl(tryfirst=True)
@@ -320,6 +408,7 @@ def test_kernel_failures_name_the_plugin():
     assert registry.get("mse_loss")(x, x) == 0.0
 
 
+@pytest.mark.filterwarnings("ignore::lossforge.PluginOverrideWarning")
 def test_unloadable_kernel_path_names_the_plugin():
     class Missing:
         @hookimpl(tryfirst=True)
@@ -343,3 +432,31 @@ def test_misspelt_hook_is_a_failure():
         registry = registry_with(Typo())
         assert "mse_loss" in registry.names()
     assert registry.plugins["typo"].failed
+
+
+def test_no_override_warning_without_an_override():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginOverrideWarning)
+        registry_with().ensure_loaded()
+
+
+def test_system_exit_in_a_hook_fails_the_plugin_alone():
+    class Exits:
+        @hookimpl
+        def lossforge_losses(self):
+            raise SystemExit("bye")
+
+    with pytest.warns(PluginWarning, match=r"hook lossforge_losses raised SystemExit\('bye'\) at "):
+        registry = registry_with(Exits())
+        assert "mse_loss" in registry.names()
+    assert registry.plugins["exits"].failed
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed():
+    class Interrupted:
+        @hookimpl
+        def lossforge_losses(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        registry_with(Interrupted()).ensure_loaded()

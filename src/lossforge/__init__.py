@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lossforge.errors import PluginError, PluginWarning
+from lossforge.errors import PluginError, PluginOverrideWarning, PluginWarning
 from lossforge.hookspecs import KernelSpec, LossSpec, hookimpl, hookspec
 from lossforge.loss import Loss
 from lossforge.registry import registry
@@ -25,6 +25,7 @@ __all__ = [
     "Loss",
     "LossSpec",
     "PluginError",
+    "PluginOverrideWarning",
     "PluginWarning",
     "Prepared",
     "get",

@@ -31,10 +31,15 @@ def _list(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     from lossforge.registry import registry
 
+    # strict mode must not stop the listing at the first failure: list them all, then fail
+    strict, registry.strict = registry.is_strict(), False
     registry.ensure_loaded()
     for info in sorted(registry.plugins.values(), key=lambda i: i.name):
-        status = "FAILED" if info.failed else "ok"
-        print(f"{info.name}  [{status}]  {info.source}")
+        status = "FAILED" if info.failed else "skipped" if info.skipped else "ok"
+        builtin = " (built-in)" if info.builtin else ""
+        print(f"{info.name}  [{status}]  {info.source}{builtin}")
+        if info.skipped:
+            print(f"    skipped: {info.skipped}")
         for name in info.losses:
             backends = sorted(b for (n, b) in info.kernels if n == name)
             print(f"    {name}: {', '.join(backends) or 'no kernels'}")
@@ -43,7 +48,7 @@ def _plugins(args: argparse.Namespace) -> int:
                 print(f"    {loss}: {backend} (overrides {registry.owners.get(loss, '?')!r})")
         for error in info.errors:
             print(f"    error: {error}")
-    return 0
+    return 1 if strict and any(info.failed for info in registry.plugins.values()) else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -92,9 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # bench parses its own options (REMAINDER drops leading ones)
         return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = parser.parse_args(argv)
+    from lossforge.registry import PluginError
+
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        return args.run(args)
+        try:
+            return args.run(args)
+        except PluginError as exc:  # strict mode, or a broken kernel: a message, no traceback
+            print(f"lossforge: error: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -5,18 +5,31 @@ loss's kernels once.
 A plugin that fails to import, whose hook raises, that yields something that is not a
 ``LossSpec``/``KernelSpec``, or that declares a loss name another plugin already declared, is
 skipped (entirely, or that record alone) with a :class:`PluginWarning` naming the entry point
-and the reason; the failure is listed by ``python -m lossforge plugins``. With the environment
-variable ``LOSSFORGE_STRICT_PLUGINS=1`` such failures raise instead (for CI and plugin
-authors).
+and the reason (and, for an exception, the file and line in the plugin where it came from); the
+failure is listed by ``python -m lossforge plugins``. With the environment variable
+``LOSSFORGE_STRICT_PLUGINS=1`` such failures raise instead (for CI and plugin authors).
+A plugin that raises ``SystemExit`` (anything but ``KeyboardInterrupt``) fails the same way:
+a plugin never ends the host process.
+
+Turning plugins off, as pytest users know it (names are entry-point names; all three apply
+to third-party plugins only, since the built-in families are the core losses):
+``LOSSFORGE_DISABLE_PLUGIN_AUTOLOAD=1`` loads no third-party entry point,
+``LOSSFORGE_PLUGINS_BLOCK=a,b`` skips those, ``LOSSFORGE_PLUGINS_ALLOW=a,b`` loads only those.
+``Registry(autoload=, block=, allow=, strict=)`` take precedence over the environment.
+An installed plugin that replaces a built-in kernel gets a :class:`PluginOverrideWarning`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.util
 import os
 import threading
+import traceback
 import warnings
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -24,13 +37,16 @@ from typing import Any
 import pluggy
 
 from lossforge import hookspecs
-from lossforge.errors import PluginError, PluginWarning
+from lossforge.errors import PluginError, PluginOverrideWarning, PluginWarning
 from lossforge.hookspecs import KernelSpec, LossSpec
 from lossforge.loss import Loss
 from lossforge.plugins import DEFAULT_PLUGINS
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 STRICT_ENV = "LOSSFORGE_STRICT_PLUGINS"
+DISABLE_AUTOLOAD_ENV = "LOSSFORGE_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_ENV = "LOSSFORGE_PLUGINS_BLOCK"
+ALLOW_ENV = "LOSSFORGE_PLUGINS_ALLOW"
 
 
 @dataclass
@@ -42,18 +58,75 @@ class PluginInfo:
     losses: list[str] = field(default_factory=list)
     kernels: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    builtin: bool = False
+    skipped: str = ""  # why the plugin was not loaded (block, allow, autoload off)
 
     @property
     def failed(self) -> bool:
         return bool(self.errors)
 
 
-class Registry:
-    """Plugins and the losses they declare. Loading happens on first use, once."""
+def is_builtin(name: str, module: str | None) -> bool:
+    """Whether plugin ``name``, the module ``module``, is one of lossforge's own (a default
+    plugin): the one place that decides, for the override warning and the plugin controls."""
+    return (name, module) in DEFAULT_PLUGINS
 
-    def __init__(self, group: str | None = ENTRY_POINT_GROUP, defaults: bool = True):
+
+def _env_names(variable: str) -> frozenset[str] | None:
+    """The comma-separated names in an environment variable; None when unset or empty."""
+    names = frozenset(n.strip() for n in os.environ.get(variable, "").split(",") if n.strip())
+    return names or None
+
+
+def _env_flag(variable: str) -> bool:
+    return os.environ.get(variable, "") not in ("", "0")
+
+
+def _plugin_files(module: str) -> str | None:
+    """The file or package directory of ``module``'s top-level package (found without
+    importing it): a failure's traceback frames under it are the plugin's own."""
+    with contextlib.suppress(Exception):
+        spec = importlib.util.find_spec(module.partition(".")[0])
+        if spec is not None and spec.submodule_search_locations:
+            return os.path.join(next(iter(spec.submodule_search_locations)), "")
+        if spec is not None:
+            return spec.origin
+    return None
+
+
+def _raised_at(exc: BaseException, module: str | None) -> str:
+    """`` at FILE:LINE``: the last traceback frame in the plugin's files (a plugin calling a
+    helper that raises is the plugin's line), else the frame that raised."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename[:1] != "<"]
+    root = module and _plugin_files(module)
+    own = [f for f in frames if root and f.filename.startswith(root)]
+    frame = (own or frames or [None])[-1]
+    return f" at {frame.filename}:{frame.lineno}" if frame else ""
+
+
+class Registry:
+    """Plugins and the losses they declare. Loading happens on first use, once.
+
+    ``autoload``, ``block``, ``allow`` (entry-point names) and ``strict``: ``None`` reads the
+    environment variable (see the module docstring) when the registry loads. ``defaults``:
+    register the built-in families (``lossforge.plugins.DEFAULT_PLUGINS``)."""
+
+    def __init__(
+        self,
+        group: str | None = ENTRY_POINT_GROUP,
+        *,
+        autoload: bool | None = None,
+        block: Collection[str] | None = None,
+        allow: Collection[str] | None = None,
+        strict: bool | None = None,
+        defaults: bool = True,
+    ):
         self._group = group
         self._defaults = defaults
+        self.autoload = autoload
+        self.block = block
+        self.allow = allow
+        self.strict = strict
         self._lock = threading.RLock()
         self._loaded = False
         self._extra: list[tuple[str, Any]] = []
@@ -105,23 +178,52 @@ class Registry:
         source = f"entry point {ep.name!r} = {ep.value!r}"
         if ep.dist is not None:
             source += f" (distribution {ep.dist.name} {ep.dist.version})"
-        if ep.name in self.plugins:
-            self._fail(self._info(ep.name, source), "a plugin of this name is already loaded")
+        if ep.name in self.plugins or any(ep.name == name for name, _ in DEFAULT_PLUGINS):
+            self._fail(
+                self._info(f"{ep.name} ({ep.value})", source),
+                "a plugin of this name is already loaded, or it is a built-in plugin's name",
+            )
             return
-        try:
+        skipped = self._skip_reason(ep.name)
+        if skipped:
+            self._info(ep.name, source).skipped = skipped
+            return
+        info, plugin = self._info(ep.name, source), None
+        with self._isolated(info, "import failed:", ep.module):
             plugin = ep.load()
-        except Exception as exc:  # a broken plugin must not break the host
-            self._fail(self._info(ep.name, source), f"import failed: {exc!r}")
-            return
-        self._add(ep.name, plugin, source)
+        if not info.failed:
+            self._add(ep.name, plugin, source)
+
+    def _skip_reason(self, name: str) -> str:
+        """Why third-party entry point ``name`` is not to be loaded; empty if it is."""
+        autoload = not _env_flag(DISABLE_AUTOLOAD_ENV) if self.autoload is None else self.autoload
+        block = _env_names(BLOCK_ENV) if self.block is None else self.block
+        allow = _env_names(ALLOW_ENV) if self.allow is None else self.allow
+        if not autoload:
+            return f"autoloading of third-party plugins is off ({DISABLE_AUTOLOAD_ENV})"
+        if block and name in block:
+            return f"blocked ({BLOCK_ENV})"
+        if allow is not None and name not in allow:
+            return f"not in the allow list ({ALLOW_ENV})"
+        return ""
+
+    @contextlib.contextmanager
+    def _isolated(self, info: PluginInfo, what: str, module: str | None) -> Iterator[None]:
+        """Run plugin code: what it raises fails the plugin, ``SystemExit`` included (a
+        plugin must not end the host); an interrupt, or a generator being closed, goes on."""
+        try:
+            yield
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as exc:
+            self._fail(info, f"{what} {exc!r}{_raised_at(exc, module)}")
 
     def _load_default(self, name: str, module: str) -> None:
-        try:
+        info, plugin = self._info(name, f"built-in {module!r}"), None
+        with self._isolated(info, "import failed:", module):
             plugin = importlib.import_module(module)
-        except Exception as exc:  # a broken family must not break the others
-            self._fail(self._info(name, f"built-in {module!r}"), f"import failed: {exc!r}")
-            return
-        self._add(name, plugin, f"built-in {module!r}")
+        if not info.failed:
+            self._add(name, plugin, info.source)
 
     def _info(self, name: str, source: str) -> PluginInfo:
         info = self.plugins.get(name) or PluginInfo(name, source)
@@ -130,15 +232,17 @@ class Registry:
 
     def _add(self, name: str, plugin: Any, source: str) -> None:
         info = self._info(name, source)
-        try:
+        info.builtin = is_builtin(name, getattr(plugin, "__name__", None))
+        with self._isolated(info, "registration failed:", None):
             self.pm.register(plugin, name=name)
-        except Exception as exc:
-            self._fail(info, f"registration failed: {exc!r}")
+
+    def is_strict(self) -> bool:
+        return _env_flag(STRICT_ENV) if self.strict is None else self.strict
 
     def _fail(self, info: PluginInfo, reason: str) -> None:
         info.errors.append(reason)
         message = f"lossforge plugin {info.name!r} ({info.source}): {reason}"
-        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        if self.is_strict():
             raise PluginError(message)
         warnings.warn(message, PluginWarning, stacklevel=4)
 
@@ -157,10 +261,10 @@ class Registry:
             info = self._info(impl.plugin_name, "?")
             if info.failed:
                 continue
-            try:
+            produced = []
+            with self._isolated(info, f"hook {hook_name} raised", impl.function.__module__):
                 produced = list(impl.function() or ())
-            except Exception as exc:
-                self._fail(info, f"hook {hook_name} raised {exc!r}")
+            if info.failed:
                 continue
             for record in produced:
                 if isinstance(record, kind):
@@ -194,6 +298,14 @@ class Registry:
             elif key not in self.kernels:  # the first in call order wins
                 self.kernels[key] = (kernel, plugin)
                 self.plugins[plugin].kernels.append(key)
+            elif self.plugins[plugin].builtin and not self.plugins[self.kernels[key][1]].builtin:
+                winner = self.plugins[self.kernels[key][1]]
+                warnings.warn(
+                    f"lossforge plugin {winner.name!r} ({winner.source}) replaces the "
+                    f"{kernel.backend} kernel of {kernel.loss!r} from built-in plugin {plugin!r}",
+                    PluginOverrideWarning,
+                    stacklevel=4,
+                )
 
     # -- lookups -------------------------------------------------------------------------
     def names(self) -> list[str]:

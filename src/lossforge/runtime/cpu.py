@@ -4,11 +4,19 @@ Determinism: a reduction splits its elements into chunks of ``CHUNK`` elements (
 depend on the size only), writes one float64 partial per chunk, and adds the partials in
 chunk order. The serial and the parallel variant of a kernel run the same body, so their
 results are bitwise identical, and so are results for any thread count.
+
+Threads: parallel variants run on the threading layer Numba picks (``tbb``, else ``omp``,
+else ``workqueue``; ``NUMBA_THREADING_LAYER`` decides where the user set it). ``KernelPair``
+serialises parallel calls under ``workqueue`` (concurrent calls abort it) and runs the serial
+variant in a child of ``fork()`` whose parent had started GNU OpenMP (a parallel region there
+gets the child killed): see the README's "Threads and forked processes".
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,7 +195,7 @@ class KernelPair:
 
     def __call__(self, n: int, *args: Any) -> Any:
         """Run on ``n`` elements of work, choosing the variant by size."""
-        if n < self.parallel_min:
+        if n < self.parallel_min or _serial_only:
             return self.serial(*args)
         global _parallel_guard
         with _parallel_guard:
@@ -202,6 +210,35 @@ class KernelPair:
 # be OpenMP or TBB.
 _workqueue_lock = threading.Lock()
 _parallel_guard: Any = _workqueue_lock
+
+# GNU OpenMP (Numba's "omp" layer on Linux) cannot run a parallel region in a child of fork()
+# once the parent has started its thread pool: Numba kills such a child with SIGTERM
+# ("fork() called from a process already using GNU OpenMP, this is unsafe") and a fork-based
+# pool's map never returns. Such a child, and the children it forks in turn, run the serial
+# variants: the same body and chunks, so the same bits, on one thread. The TBB and workqueue
+# layers are fork-safe and keep their threads in a child.
+_serial_only = False
+
+
+def _gnu_openmp_started() -> bool:
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # Numba has not started its threads: a child starts its own
+        return False
+    omppool = sys.modules.get("numba.np.ufunc.omppool")
+    return layer == "omp" and getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only, _workqueue_lock, _parallel_guard
+    _serial_only = _serial_only or _gnu_openmp_started()
+    # a lock held by another thread of the parent at fork() would stay held in the child
+    if _parallel_guard is _workqueue_lock:
+        _workqueue_lock = _parallel_guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def parallel_kernel(fn: Callable | None = None, *, parallel_min: int = PARALLEL_MIN) -> Any:
