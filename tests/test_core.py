@@ -93,7 +93,7 @@ def test_cli_list_and_plugins():
             line.split()[:3] == [name, "regression", "regression"] for line in listing.splitlines()
         )
     plugins = run("-m", "lossforge", "plugins").stdout
-    assert "regression  [ok]  built-in 'lossforge.plugins.regression'" in plugins
+    assert "regression  [ok]  module 'lossforge.plugins.regression' (built-in)" in plugins
     assert "    mse_loss: cpu" in plugins
 
 

@@ -138,14 +138,15 @@ class Elementwise:
 
     def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on the CPU."""
-        x, y, w, a = (None if v is None else v.ravel() for v in p.arrays)
+        x, y, w, a = p.arrays
+        x, y = x.ravel(), y.ravel()
         self._check(x, y)
         return self.kernel(
             x.size,
             x,
             y,
-            w if w is not None and w.size else None,
-            a,
+            w.ravel() if w is not None and w.size else None,
+            None if a is None else a.ravel(),
             tuple(float(v) for v in p.params.values()),
             None if loss_out is None else loss_out.ravel(),
             grads[0].ravel() if grads else None,

@@ -100,8 +100,8 @@ def _raised_at(exc: BaseException, module: str | None) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename[:1] != "<"]
     root = module and _plugin_files(module)
     own = [f for f in frames if root and f.filename.startswith(root)]
-    frame = (own or frames or [None])[-1]
-    return f" at {frame.filename}:{frame.lineno}" if frame else ""
+    found = own or frames
+    return f" at {found[-1].filename}:{found[-1].lineno}" if found else ""
 
 
 class Registry:
@@ -219,7 +219,7 @@ class Registry:
             self._fail(info, f"{what} {exc!r}{_raised_at(exc, module)}")
 
     def _load_default(self, name: str, module: str) -> None:
-        info, plugin = self._info(name, f"built-in {module!r}"), None
+        info, plugin = self._info(name, f"module {module!r}"), None
         with self._isolated(info, "import failed:", module):
             plugin = importlib.import_module(module)
         if not info.failed:
