@@ -30,7 +30,7 @@ class _Device:
 # say which one.
 _dispatcher.get_current_device = lambda: _Device()
 
-import lossforge.plugins.binary.cuda as binary  # noqa: E402
+import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.similarity.cuda as similarity  # noqa: E402
@@ -45,6 +45,7 @@ def _array(dtype, ndim=1, layout="C"):
 def signatures(dtype):
     a, i, f = _array(dtype), types.int64, types.float64
     index, f64, scratch = _array(np.int64), _array(np.float64), _array(np.float64, 2)
+    one = types.UniTuple(f, 1)  # the parameters of a formula without any
     return [
         (rt._gather, (_array(dtype, 8, "A"), a)),
         (rt._gather, (_array(np.float16, 8, "A"), _array(np.float32))),
@@ -63,8 +64,17 @@ def signatures(dtype):
                 (regression.KERNELS["huber_loss"][0], types.UniTuple(f, 1)),
             ]
         ],
-        (binary._binary, (i, a, a, a, a, a, a, a, f, scratch)),
-        (binary._multilabel, (a, a, a, i, i, a, a, a, f, i, scratch)),
+        *[
+            (
+                rt.elementwise_kernel(k.formula, k.invalid, f"check_{k.__name__}"),
+                (a, a, a, a, one, a, a, a, f, scratch),
+            )
+            for k in (binary.BCE, binary.LOGITS)
+        ],
+        (
+            rt.row_mean_kernel(binary.LOGITS.formula, None, "check_row_mean"),
+            (a, a, a, a, one, i, i, a, a, a, f, i, scratch),
+        ),
         (multiclass._check_targets, (index, i, i, a, scratch)),
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),

@@ -517,8 +517,8 @@ def test_grid_stride_rounds_and_their_tail(tail):
     check("binary_cross_entropy_with_logits", (x, rng.random(n)), pos_weight=rng.random(n))
     # Two in one thread's round (its second and fourth elements), one in the last element.
     p[[grid + 5, 3 * grid + 5, n - 1]] = [1.5, -2.0, 3.0]
-    with pytest.raises(ValueError, match=r"1\.5"):
-        lf.binary_cross_entropy(dev(p), dev(y))
+    with pytest.raises(ValueError, match=r"input .* found 1\.5"):
+        lf.binary_cross_entropy(dev(p), dev(rng.random(n)))
     x, t = _classes(np.random.default_rng(12), np.float64, n=n // 3 + 1, c=3, ignored=2)
     check("nll_loss", (x, t), ignore_index=2)
 
@@ -530,8 +530,8 @@ def test_partials_read_back_are_reused_and_carry_nothing_over():
     n = 200
     p, y = rng.random(n), rng.random(n)
     p[150] = 1.5
-    with pytest.raises(ValueError, match=r"1\.5"):
-        lf.binary_cross_entropy(dev(p), dev(y))
+    with pytest.raises(ValueError, match=r"input .* found 1\.5"):
+        lf.binary_cross_entropy(dev(p), dev(rng.random(n)))
     used = rt._finished()[rt.blocks_for(n)]
     p[150] = 0.5
     check("binary_cross_entropy", (p, y))

@@ -5,8 +5,12 @@
 ``weight`` (and ``pos_weight``) broadcast to the input's shape as in PyTorch; a weight that
 is not the input's full shape is materialised to it before the kernel (one copy). ``"mean"``
 is the plain element mean (not divided by the weights). Input and target must have the same
-shape. ``binary_cross_entropy`` refuses inputs outside [0, 1] with ``ValueError``, as PyTorch
-refuses them with an error; NaN inputs propagate.
+shape. ``binary_cross_entropy`` refuses inputs and targets outside [0, 1] with ``ValueError``
+naming the first such element in memory order (the input, when both are outside there), as
+PyTorch refuses them with an error; NaN propagates.
+
+The kernels are made from the formulas below by ``lossforge.kernels.Elementwise``;
+``multilabel_soft_margin_loss`` is the logits formula in its row-mean form.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from lossforge.plugins.binary.cpu import BCE, BCE_LOGITS, first_outside_unit
 
-from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge import LossSpec, Prepared, hookimpl, validate
+from lossforge.kernels import Elementwise
+from lossforge.runtime import mathfn
 
 _SHAPE = """
     Shape:
@@ -24,13 +29,68 @@ _SHAPE = """
         Output: a scalar for "mean" and "sum"; the input's shape for "none".
 """
 
+#: PyTorch clamps each log term of binary_cross_entropy at -100, and the denominator of its
+#: gradient at 1e-12 held in a float32 (its CPU kernel's constant), so that inputs of exactly
+#: 0 or 1 stay finite.
+LOG_FLOOR = -100.0
+GRAD_EPSILON = float(np.float32(1e-12))
 
-def outside_unit(bad: float) -> ValueError:
-    """The error for a ``binary_cross_entropy`` input ``bad`` outside [0, 1]."""
-    return ValueError(
-        f"binary_cross_entropy input must be probabilities in [0, 1], found {bad!r}; "
-        "for logits use binary_cross_entropy_with_logits"
-    )
+
+# The formulas run in the input's precision (float32 runs 16 lanes a vector, as PyTorch
+# computes float32), with runtime.mathfn's vectorizable exp and log; constants through
+# mathfn.like so that a float32 formula stays float32. Selects, not branches; nan stays nan
+# (a clamp written with max would replace it).
+
+
+def bce(x, y, a, p):
+    one = mathfn.like(x, 1.0)
+    floor = mathfn.like(x, LOG_FLOOR)
+    epsilon = mathfn.like(x, GRAD_EPSILON)
+    log_x = mathfn.log_native(x)
+    log_x = floor if log_x < floor else log_x
+    log_1x = mathfn.log_native(one - x)
+    log_1x = floor if log_1x < floor else log_1x
+    denominator = (one - x) * x
+    denominator = epsilon if denominator < epsilon else denominator
+    return -(y * log_x + (one - y) * log_1x), (x - y) / denominator
+
+
+def outside_unit(x, y):
+    """binary_cross_entropy's domain: an input or target outside [0, 1] (nan is not)."""
+    return (x < 0) | (x > 1) | (y < 0) | (y > 1)
+
+
+def outside_unit_error(index, x, y):
+    """The error for the first element outside [0, 1], naming the input if it is outside."""
+    if x < 0 or x > 1:
+        return ValueError(
+            f"binary_cross_entropy input must be probabilities in [0, 1], found {float(x)!r}; "
+            "for logits use binary_cross_entropy_with_logits"
+        )
+    return ValueError(f"binary_cross_entropy target must be in [0, 1], found {float(y)!r}")
+
+
+def bce_with_logits(x, y, a, p):
+    """``a`` is the positive-class weight: ``a y softplus(-x) + (1 - y) softplus(x)`` with
+    ``softplus(+-x) = s + max(+-x, 0)``, ``s = log1p(exp(-|x|))``; gradient
+    ``(1 - y) sigmoid(x) - a y sigmoid(-x)``, which has no cancellation for hard labels."""
+    one = mathfn.like(x, 1.0)
+    zero = mathfn.like(x, 0.0)
+    e = mathfn.exp_nonpositive(-abs(x))  # in (0, 1]
+    s = mathfn.log1p_unit_native(e)
+    r = one / (one + e)  # one division serves both sigmoids
+    positive = x if x > zero else zero
+    negative = -x if x < zero else zero
+    loss = a * y * (s + negative) + (one - y) * (s + positive)
+    sigmoid = r if x >= zero else e * r
+    sigmoid_neg = e * r if x >= zero else r
+    return loss, (one - y) * sigmoid - a * y * sigmoid_neg
+
+
+BCE = Elementwise(
+    bce, native=True, wide=("float32", "float64"), invalid=outside_unit, error=outside_unit_error
+)
+LOGITS = Elementwise(bce_with_logits, native=True, wide=("float32", "float64"))
 
 
 def _broadcast(name, value, shape, dtype, backend, hint=""):
@@ -49,18 +109,13 @@ def _broadcast(name, value, shape, dtype, backend, hint=""):
     return validate.as_float(name, full, dtype, backend)
 
 
-def _prepare(kind, arrays, options, backend):
+def _prepare(arrays, options, backend, pos_weight=False):
     (x, y), _, dtype, dtypes, shape = validate.elementwise(
         arrays, ("input", "target"), None, backend
     )
     w = _broadcast("weight", options["weight"], shape, dtype, backend)
     pw = None
-    if kind == BCE:
-        if backend == "cpu":  # the CUDA kernel flags bad inputs in its own pass
-            bad = first_outside_unit(x.ravel())
-            if bad is not None:
-                raise outside_unit(bad)
-    else:
+    if pos_weight:
         last = shape[-1] if shape else 1
         pw = _broadcast(
             "pos_weight",
@@ -72,7 +127,7 @@ def _prepare(kind, arrays, options, backend):
         )
     return Prepared(
         arrays=(x, y, w, pw),
-        params=(kind,),
+        params={},
         reduction=options["reduction"],
         denominator=float(math.prod(shape)),
         value_shape=shape,
@@ -84,11 +139,11 @@ def _prepare(kind, arrays, options, backend):
 
 
 def _prepare_bce(arrays, options, backend):
-    return _prepare(BCE, arrays, options, backend)
+    return _prepare(arrays, options, backend)
 
 
 def _prepare_bce_logits(arrays, options, backend):
-    return _prepare(BCE_LOGITS, arrays, options, backend)
+    return _prepare(arrays, options, backend, pos_weight=True)
 
 
 def _prepare_multilabel(arrays, options, backend):
@@ -105,8 +160,9 @@ def _prepare_multilabel(arrays, options, backend):
             x.reshape(rows, classes),
             y.reshape(rows, classes),
             None if w is None else w.reshape(rows, classes),
+            None,
         ),
-        params=(),
+        params={},
         reduction=options["reduction"],
         denominator=float(rows),
         value_shape=shape[:1] if len(shape) == 2 else (),
@@ -221,8 +277,6 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for spec in SPECS:
-        kernel = "multilabel" if spec.name == "multilabel_soft_margin_loss" else "binary"
-        cpu = "lossforge.plugins.binary.cpu"
-        yield KernelSpec(spec.name, "cpu", f"{cpu}:{kernel}", fast=f"{cpu}:fast_{spec.name}")
-        yield KernelSpec(spec.name, "cuda", f"lossforge.plugins.binary.cuda:{kernel}")
+    yield from BCE.specs("binary_cross_entropy")
+    yield from LOGITS.specs("binary_cross_entropy_with_logits")
+    yield from LOGITS.specs("multilabel_soft_margin_loss", rows=True)

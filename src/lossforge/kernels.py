@@ -90,7 +90,7 @@ class Elementwise:
         self.parallel_min = parallel_min
         self.__name__ = formula.__name__
         self.__doc__ = formula.__doc__
-        self._cuda: Any = None
+        self._cuda: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Elementwise {self.formula.__module__}.{self.formula.__qualname__}>"
@@ -173,17 +173,79 @@ class Elementwise:
         total = self.kernel(n, x, y, None, None, params, None, grad, None, 1 / n, wide)
         return out.dtype.type(total / n), out
 
+    # -- row means (multilabel_soft_margin_loss: each row's value is the mean of its
+    # elements' losses). Prepared.arrays are (rows, classes) arrays; value_shape (rows,) or ().
+    def cpu_rows(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on the CPU of the row-mean form: the element kernel
+        over all elements with the scale divided by the class count (the total needs no
+        rows), per-row values summed from per-element losses afterwards."""
+        x, y, w, a = p.arrays
+        rows, classes = x.shape
+        if not classes:  # no classes: every row's mean is nan (PyTorch's 0 / 0)
+            if loss_out is not None:
+                loss_out[...] = np.nan
+            return float("nan") if rows else 0.0
+        elements = None if loss_out is None else np.empty(x.size, x.dtype)
+        go = None
+        if grads and grad_output is not None:
+            go = np.repeat(grad_output.ravel(), classes)
+        self._check(x.ravel(), y.ravel())
+        total = self.kernel(
+            x.size,
+            x.ravel(),
+            y.ravel(),
+            w.ravel() if w is not None and w.size else None,
+            None if a is None else a.ravel(),
+            tuple(float(v) for v in p.params.values()),
+            elements,
+            grads[0].ravel() if grads else None,
+            go,
+            scale / classes,
+            True if x.dtype in self.wide else None,
+        )
+        if loss_out is not None:
+            row_sums = elements.reshape(rows, classes).sum(axis=1, dtype=np.float64)
+            loss_out.reshape(-1)[...] = row_sums / classes
+        return total / classes
+
+    def fast_rows(self, arrays: tuple[Any, ...], out: Any, params: tuple[float, ...] = ()) -> Any:
+        """``fast`` for the row-mean form, of an ``(N, C)`` or ``(C)`` input: the element
+        losses summed over all elements, divided by C and, for ``"mean"``, by N."""
+        from lossforge.runtime.cpu import ready_elementwise
+
+        ready = ready_elementwise(arrays, out)
+        if ready is None or arrays[0].ndim not in (1, 2) or not arrays[0].shape[-1]:
+            return None
+        x, y, out, grad = ready
+        if self.invalid is not None and self._checks[0](x.size, x, y):
+            return None
+        classes = arrays[0].shape[-1]
+        rows = x.size // classes
+        scale = 1 / rows / classes
+        wide = True if x.dtype in self.wide else None
+        total = self.kernel(x.size, x, y, None, None, params, None, grad, None, scale, wide)
+        return out.dtype.type(total / classes / rows), out
+
     # -- CUDA ----------------------------------------------------------------------------
+    def _cuda_kernel(self, template: str) -> Any:
+        from lossforge.runtime import cuda as rt
+
+        found = self._cuda.get(template)
+        if found is None:
+            make = getattr(rt, f"{template}_kernel")
+            found = self._cuda[template] = make(
+                self.formula, self.invalid, _kernel_name(self.formula, f"cuda_{template}")
+            )
+        return found
+
+    def _cuda_params(self, p: Any) -> tuple[float, ...]:
+        return tuple(float(v) for v in p.params.values()) or (0.0,)  # no empty tuple argument
+
     def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on CUDA (the CUDA stack is imported on first call)."""
         from lossforge.runtime import cuda as rt
 
-        if self._cuda is None:
-            self._cuda = rt.elementwise_kernel(
-                self.formula,
-                self.invalid,
-                _kernel_name(self.formula, "cuda_elementwise"),
-            )
+        kernel = self._cuda_kernel("elementwise")
         x, y, w, a = p.arrays
         n = x.size
         if n == 0:
@@ -191,12 +253,12 @@ class Elementwise:
         dtype = p.dtype
         blocks = rt.blocks_for(n)
         scratch = rt.partials(blocks)
-        self._cuda[blocks, rt.THREADS, rt.stream()](
+        kernel[blocks, rt.THREADS, rt.stream()](
             rt.flat(x, dtype),
             rt.flat(y, dtype),
             rt.flat(w, dtype),
             rt.flat(a, dtype),
-            tuple(float(v) for v in p.params.values()) or (0.0,),  # no empty tuple argument
+            self._cuda_params(p),
             rt.flat(loss_out, dtype),
             rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
             rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
@@ -210,12 +272,60 @@ class Elementwise:
             raise self.error(bad, rt.element(x, bad), rt.element(y, bad))  # type: ignore[misc]
         return total
 
+    def cuda_rows(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The row-mean form on CUDA: each row summed by a group of threads (a whole block for
+        long rows) with a fixed tree; the gradient is element-wise and coalesced."""
+        from lossforge.runtime import cuda as rt
+
+        if self.invalid is not None:
+            raise NotImplementedError("a domain check in the row-mean form on CUDA")
+        kernel = self._cuda_kernel("row_mean")
+        x, y, w, a = p.arrays
+        rows, classes = x.shape
+        if rows == 0:
+            return 0.0
+        if not classes:
+            if loss_out is not None:  # every row's mean is nan (PyTorch's 0 / 0)
+                loss_out.copy_to_device(
+                    np.full(loss_out.shape, np.nan, p.dtype), stream=rt.stream()
+                )
+            return float("nan")
+        dtype = p.dtype
+        lanes, blocks = rt.rows_config(rows, classes)
+        scratch = rt.partials(blocks)
+        kernel[blocks, rt.THREADS, rt.stream()](
+            rt.flat(x, dtype),
+            rt.flat(y, dtype),
+            rt.flat(w, dtype),
+            rt.flat(a, dtype),
+            self._cuda_params(p),
+            rows,
+            classes,
+            rt.flat(loss_out, dtype),
+            rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+            float(scale),
+            lanes,
+            scratch,
+        )
+        if p.reduction in ("mean", "sum"):
+            return rt.finish(scratch)[0]
+        return 0.0
+
     # -- registration --------------------------------------------------------------------
-    def specs(self, loss: str, defaults: tuple[float, ...] = ()) -> Iterator[KernelSpec]:
+    def specs(
+        self, loss: str, defaults: tuple[float, ...] = (), rows: bool = False
+    ) -> Iterator[KernelSpec]:
         """The CPU (with its fast lane, ``defaults`` being the parameters of the default
-        options) and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``."""
-        yield KernelSpec(loss, "cpu", self.cpu, fast=functools.partial(self.fast, params=defaults))
-        yield KernelSpec(loss, "cuda", self.cuda)
+        options) and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``;
+        ``rows``: the row-mean form (each row's value the mean of its elements' losses)."""
+        cpu, fast, cuda = (
+            (self.cpu_rows, self.fast_rows, self.cuda_rows)
+            if rows
+            else (self.cpu, self.fast, self.cuda)
+        )
+        yield KernelSpec(loss, "cpu", cpu, fast=functools.partial(fast, params=defaults))
+        yield KernelSpec(loss, "cuda", cuda)
 
 
 def _kernel_name(formula: Formula, template: str) -> str:

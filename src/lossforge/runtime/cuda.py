@@ -751,3 +751,51 @@ def elementwise_kernel(formula: Any, invalid: Any, name: str) -> Any:
     }
     store_ = device(clone(_elementwise_store, f"{name}_store", namespace))
     return kernel(clone(_elementwise, name, {"store": store_}))
+
+
+def _row_mean(z, y, w, a, p, rows, classes, loss_out, grad_out, go, scale, lanes, scratch):
+    """Rows of ``classes`` elements through the formula, each row's losses summed by a group
+    of ``lanes`` threads with a fixed tree and divided by ``classes`` (the row's value); the
+    gradient is element-wise and coalesced."""
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % lanes
+    per_block = THREADS // lanes
+    weighted = w.size > 0
+    auxiliary = a.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.size > 0
+    upstream = go.size > 0
+    inverse = 1.0 / classes
+    acc = 0.0
+    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+        i = base + tid // lanes
+        active = i < rows
+        s = 0.0
+        if active:
+            g = scale * inverse if not upstream else scale * inverse * float64(go[i])
+            for j in range(lane, classes, lanes):
+                k = i * classes + j
+                ak = float64(a[k]) if auxiliary else 1.0
+                loss, d = formula(float64(z[k]), float64(y[k]), ak, p)
+                if weighted:
+                    loss *= float64(w[k])
+                    d *= float64(w[k])
+                s += loss
+                if want_grad:
+                    grad_out[k] = d * g
+        row = group_sum(sa, tid, lane, lanes, s)
+        if active and lane == 0:
+            row *= inverse
+            if want_loss:
+                loss_out[i] = row
+            acc += row
+    write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def row_mean_kernel(formula: Any, invalid: Any, name: str) -> Any:
+    """The CUDA kernel of an element-wise formula whose value is each row's mean."""
+    from lossforge.kernels import clone
+
+    return kernel(clone(_row_mean, name, {"formula": device_formula(formula, f"{name}_formula")}))
