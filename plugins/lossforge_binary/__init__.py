@@ -5,8 +5,9 @@
 ``weight`` (and ``pos_weight``) broadcast to the input's shape as in PyTorch; a weight that
 is not the input's full shape is materialised to it before the kernel (one copy). ``"mean"``
 is the plain element mean (not divided by the weights). Input and target must have the same
-shape. ``binary_cross_entropy`` refuses inputs outside [0, 1] with ``ValueError``, as PyTorch
-refuses them with an error; NaN inputs propagate.
+shape. ``binary_cross_entropy`` refuses inputs and targets outside [0, 1] with ``ValueError``
+(the input's checked first), as PyTorch refuses them with an error; NaN inputs and targets
+propagate (PyTorch refuses a NaN target; lossforge treats NaN in any argument alike).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ _SHAPE = """
 """
 
 
-def outside_unit(bad: float) -> ValueError:
-    """The error for a ``binary_cross_entropy`` input ``bad`` outside [0, 1]."""
+def outside_unit(bad: float, name: str = "input") -> ValueError:
+    """The error for a ``binary_cross_entropy`` input (or target) ``bad`` outside [0, 1]."""
+    if name == "target":
+        return ValueError(f"binary_cross_entropy target must be in [0, 1], found {bad!r}")
     return ValueError(
         f"binary_cross_entropy input must be probabilities in [0, 1], found {bad!r}; "
         "for logits use binary_cross_entropy_with_logits"
@@ -56,10 +59,11 @@ def _prepare(kind, arrays, options, backend):
     w = _broadcast("weight", options["weight"], shape, dtype, backend)
     pw = None
     if kind == BCE:
-        if backend == "cpu":  # the CUDA kernel flags bad inputs in its own pass
-            bad = first_outside_unit(x.ravel())
-            if bad is not None:
-                raise outside_unit(bad)
+        if backend == "cpu":  # the CUDA kernel flags bad inputs and targets in its own pass
+            for name, array in (("input", x), ("target", y)):
+                bad = first_outside_unit(array.ravel())
+                if bad is not None:
+                    raise outside_unit(bad, name)
     else:
         last = shape[-1] if shape else 1
         pw = _broadcast(

@@ -192,13 +192,14 @@ def multilabel(p, loss_out, grads, grad_output, scale):
 def _fast(kind, arrays, out):
     """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``, no
     weights): the general path's kernel and arguments, minus its per-call layers (see
-    ``KernelSpec.fast``); ``None`` for anything else, a probability outside [0, 1] included."""
+    ``KernelSpec.fast``); ``None`` for anything else, an input or target of
+    ``binary_cross_entropy`` outside [0, 1] included."""
     ready = ready_elementwise(arrays, out)
     if ready is None:
         return None
     x, y, out, grad = ready
     n = x.size
-    if kind == BCE and _outside_unit(n, x):
+    if kind == BCE and (_outside_unit(n, x) or _outside_unit(n, y)):
         return None  # the general path names it
     total = _binary(n, kind, x, y, None, None, None, grad, None, 1 / n)
     return out.dtype.type(total / n), out

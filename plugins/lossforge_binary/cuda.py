@@ -3,8 +3,8 @@ in float64 with deterministic per-block partials (``lossforge.runtime.cuda``).
 
 ``binary_cross_entropy``/``binary_cross_entropy_with_logits``: a grid-stride loop, four
 elements a thread a round. The [0, 1] check of ``binary_cross_entropy`` is made in the same
-pass: each block flags the first input outside [0, 1] it saw, and the call raises
-``ValueError`` naming the first one in memory order (as the CPU's separate pass does).
+pass: each block flags the first input (else target) outside [0, 1] it saw, and the call
+raises ``ValueError`` naming the first one in memory order (as the CPU's separate passes do).
 
 ``multilabel_soft_margin_loss``: rows of classes, each row summed by a group of threads (a
 whole block for long rows) with a fixed tree; the gradient is element-wise and coalesced.
@@ -48,18 +48,20 @@ def _element(kind, x, y, pw):
 
 
 @rt.device
-def _store(kind, i, xi, yi, w, pw, loss_out, grad_out, go, scale, bad):
-    """Element ``i``'s loss and gradient written out; returns its loss and ``bad``, set to
-    ``i`` if it is the thread's first ``binary_cross_entropy`` input outside [0, 1] (a
-    thread's indices increase: its first flagged is its smallest)."""
+def _store(kind, i, n, xi, yi, w, pw, loss_out, grad_out, go, scale, bad):
+    """Element ``i``'s loss and gradient written out; returns its loss and ``bad``, the
+    smallest flag of the thread: ``i`` for a ``binary_cross_entropy`` input outside [0, 1],
+    ``n + i`` for a target outside it (so an input is named before any target, as on the
+    CPU)."""
     xi = float64(xi)
-    if kind == BCE and (xi < 0.0 or xi > 1.0):
-        if bad == NO_FLAG:
-            bad = float64(i)
+    yi = float64(yi)
+    x_out = xi < 0.0 or xi > 1.0
+    if kind == BCE and (x_out or yi < 0.0 or yi > 1.0):
+        bad = min(bad, float64(i) if x_out else float64(n + i))
         loss = g = math.nan  # the call raises
     else:
         p = float64(pw[i]) if pw.size > 0 else 1.0
-        loss, g = _element(kind, xi, float64(yi), p)
+        loss, g = _element(kind, xi, yi, p)
     return rt.finish_element(i, loss, g, w, loss_out, grad_out, go, scale), bad
 
 
@@ -76,20 +78,20 @@ def _binary(kind, x, y, w, pw, loss_out, grad_out, go, scale, scratch):
     while i + 3 * step < n:
         x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
         y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
-        loss, bad = _store(kind, i, x0, y0, w, pw, loss_out, grad_out, go, scale, bad)
+        loss, bad = _store(kind, i, n, x0, y0, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = _store(kind, i, x1, y1, w, pw, loss_out, grad_out, go, scale, bad)
+        loss, bad = _store(kind, i, n, x1, y1, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = _store(kind, i, x2, y2, w, pw, loss_out, grad_out, go, scale, bad)
+        loss, bad = _store(kind, i, n, x2, y2, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = _store(kind, i, x3, y3, w, pw, loss_out, grad_out, go, scale, bad)
+        loss, bad = _store(kind, i, n, x3, y3, w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
         i += step
     while i < n:
-        loss, bad = _store(kind, i, x[i], y[i], w, pw, loss_out, grad_out, go, scale, bad)
+        loss, bad = _store(kind, i, n, x[i], y[i], w, pw, loss_out, grad_out, go, scale, bad)
         acc += loss
         i += step
     rt.write_partials(sa, sb, scratch, acc, bad)
@@ -156,6 +158,8 @@ def binary(p, loss_out, grads, grad_output, scale):
     )
     if kind == BCE or p.reduction in ("mean", "sum"):
         total, bad = rt.finish(scratch)
+        if bad >= n:
+            raise lossforge_binary.outside_unit(float(rt.element(y, bad - n)), "target")
         if bad >= 0:
             raise lossforge_binary.outside_unit(float(rt.element(x, bad)))
         return total

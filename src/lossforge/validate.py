@@ -18,6 +18,7 @@ from lossforge import dispatch
 
 REDUCTIONS = ("none", "mean", "sum")
 _F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(eq=False, slots=True)
@@ -69,11 +70,16 @@ def check_range(name: str, value: object, lo: float, hi: float) -> float:
 
 
 def check_int(name: str, value: object) -> int:
-    if type(value) is int:  # the common case, kept cheap: this runs on every call
+    """An int option that kernels take as int64: ``TypeError`` for anything but an integer,
+    ``ValueError`` for one outside int64 (never a wrapped value, never ``OverflowError``)."""
+    if type(value) is int and INT64_MIN <= value <= INT64_MAX:  # the common case, kept cheap
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
+    value = int(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit int64, in [-2**63, 2**63 - 1], got {value}")
+    return value
 
 
 def check_real(name: str, value: object) -> float:
@@ -127,12 +133,24 @@ def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def as_index(name: str, array: Any, backend: str) -> Any:
-    """Class-index targets as C-contiguous int64, or TypeError naming the dtype."""
+    """Class-index targets as C-contiguous int64, or TypeError naming the dtype.
+
+    Any integer dtype is taken; a uint64 value above int64's maximum (which int64 would wrap
+    to a negative number, possibly ``ignore_index``) is a ``ValueError`` naming it: the check
+    is one pass over uint64 targets alone (on CUDA, over a host copy of them)."""
     dtype = np.dtype(array.dtype)
     if dtype is _I64 and backend == "cpu" and array.flags.c_contiguous:  # kept cheap
         return array
     if dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {dtype.name}")
+    if dtype.kind == "u" and dtype.itemsize == 8 and array.size:
+        host = array if backend == "cpu" else dispatch.cuda_runtime().to_host(array)
+        largest = int(np.max(host))
+        if largest > INT64_MAX:
+            raise ValueError(
+                f"{name} holds class index {largest}, which does not fit int64: unsigned "
+                f"class indices must be at most 2**63 - 1"
+            )
     if backend == "cpu":
         return _contiguous(array, np.dtype(np.int64))
     return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
