@@ -9,6 +9,8 @@ Broadcast weights arrive materialised to the input's shape (or ``None``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
@@ -184,9 +186,12 @@ def multilabel(p, loss_out, grads, grad_output, scale):
         scale / classes if classes else scale,
     )
     if loss_out is not None:
-        rows = elements.reshape(-1, classes).sum(axis=1, dtype=np.float64)
-        loss_out.reshape(-1)[...] = rows / classes
-    return total / classes if classes else total
+        rows = elements.reshape(z.shape).sum(axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # no classes: the mean of nothing, nan (PyTorch)
+            loss_out.reshape(-1)[...] = rows / classes
+    if not classes:  # each row's loss is a mean over no classes: nan, as in PyTorch
+        return math.nan if z.shape[0] else 0.0
+    return total / classes
 
 
 def _fast(kind, arrays, out):
