@@ -321,3 +321,27 @@ def test_bad_dtypes_and_shapes(name, rng):
         lf.get(name)(x, y.T)
     with pytest.raises(ValueError, match="reduction must be one of"):
         lf.get(name)(x, y, reduction="batchmean")
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, np.inf, -np.inf])
+@pytest.mark.parametrize("options", [{}, {"reduction": "none"}])
+def test_bce_target_outside_unit_interval(bad, options, rng):
+    # PyTorch 2.13: "all elements of target should be between 0 and 1"
+    x, y = data("binary_cross_entropy", rng, 6)
+    y[3] = bad
+    before = snapshot(x, y)
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match=rf"target must be in \[0, 1\], found {bad!r}"):
+        lf.binary_cross_entropy.value_and_grad(x, y, out=out, **options)
+    with pytest.raises(ValueError, match=r"target must be in \[0, 1\]"):
+        lf.binary_cross_entropy(x.astype(np.float32), y.astype(np.float32), **options)
+    assert not out.any()
+    assert_unchanged(before, (x, y))
+
+
+def test_bce_names_the_first_target_outside_unit_interval(rng):
+    x, y = data("binary_cross_entropy", rng, 300_000)
+    y[200_001] = 2.5
+    y[250_000] = -3.0
+    with pytest.raises(ValueError, match=r"found 2\.5"):
+        lf.binary_cross_entropy(x, y)

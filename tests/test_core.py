@@ -141,3 +141,77 @@ def test_kernel_pair_runs_serial_below_its_threshold():
     x = np.arange(4.0)
     assert own(99, x) == 6.0 and own.serial.signatures and not own.parallel.signatures
     assert own(100, x) == 6.0 and own.parallel.signatures
+
+
+# -- out= that overlaps an input (API.md section 2: ValueError, as PyTorch refuses it) ----------
+def _overlap_cases(name):
+    """(arrays, out, where) of ``name``'s example, with ``out`` sharing memory with an input:
+    partly (a buffer shifted by one element), wholly (the input itself), or a target."""
+    loss = lf.get(name)
+    arrays, _ = loss.spec.example(np.random.default_rng(5), 64, np.float64)
+    x = arrays[0]
+    n = len(loss.differentiable)
+
+    def outs(first):
+        rest = tuple(np.empty_like(a) for a in arrays[1:n])
+        return first if n == 1 else (first, *rest)
+
+    buf = np.empty(x.size + 1, x.dtype)
+    shifted = buf[:-1].reshape(x.shape)
+    shifted[...] = x
+    yield (shifted, *arrays[1:]), outs(buf[1:].reshape(x.shape)), "partly"
+    yield arrays, outs(x), "wholly"
+    y = arrays[1]
+    if y.shape == x.shape and y.dtype == x.dtype:
+        yield arrays, outs(y), "a target"
+
+
+@pytest.mark.parametrize("name", lf.list_losses())
+@pytest.mark.parametrize("general", [False, True])
+def test_out_overlapping_an_input_is_refused(name, general):
+    loss = lf.get(name)
+    options = {}
+    if general:  # a default option named: not the fast path
+        options = {"reduction": "mean"} if loss.reduced else {k: v for k, v in loss.options.items()}
+    for arrays, out, where in _overlap_cases(name):
+        before = [np.array(a, copy=True) for a in arrays]
+        with pytest.raises(ValueError, match=r"out .*overlaps"):
+            loss.value_and_grad(*arrays, out=out, **options)
+        with pytest.raises(ValueError, match=r"out .*overlaps"):
+            loss.grad(*arrays, out=out, **options)
+        for b, a in zip(before, arrays):
+            np.testing.assert_array_equal(a, b, err_msg=where)
+
+
+def test_out_overlapping_an_option_array_is_refused(rng):
+    x, y = rng.random(8), rng.random(8)
+    weight = np.ones(8)
+    with pytest.raises(ValueError, match=r"out .*overlaps weight"):
+        lf.mse_loss.value_and_grad(x, y, weight=weight, out=weight)
+    go = np.ones(8)
+    with pytest.raises(ValueError, match=r"out .*overlaps grad_output"):
+        lf.mse_loss.grad(x, y, reduction="none", grad_output=go, out=go)
+
+
+def test_out_beside_an_input_in_one_buffer_is_taken(rng):
+    # the same buffer, no element shared: not an overlap
+    buf = np.empty(16)
+    x, out = buf[:8], buf[8:]
+    x[...] = rng.random(8)
+    y = rng.random(8)
+    expected = lf.mse_loss.value_and_grad(x.copy(), y)
+    value, grad = lf.mse_loss.value_and_grad(x, y, out=out)
+    assert grad is out and value == expected[0]
+    np.testing.assert_array_equal(out, expected[1])
+    # rows of one buffer: out (row 1) lies within the bounds of the input (the second halves
+    # of rows 0 and 2) and shares no element with it
+    big = np.zeros((3, 8))
+    x3, out3 = big[::2, 4:], big[1].reshape(2, 4)
+    x3[...] = rng.random((2, 4))
+    y3 = rng.random((2, 4))
+    assert np.may_share_memory(x3, out3) and not np.shares_memory(x3, out3)
+    expected = lf.mse_loss.value_and_grad(x3.copy(), y3)
+    for options in [{}, {"reduction": "mean"}]:
+        value, grad = lf.mse_loss.value_and_grad(x3, y3, out=out3, **options)
+        assert grad is out3 and value == expected[0]
+        np.testing.assert_array_equal(out3, expected[1])

@@ -562,7 +562,13 @@ def _bad_cases():
     probabilities = rng.random((3, 4))
     outside = probabilities.copy()
     outside[1, 2] = 1.5
+    wrapping = t.astype(np.uint64)
+    wrapping[3] = 2**64 - 100  # -100 as int64: the default ignore_index
     return [
+        ("cross_entropy", (x, wrapping), {}),
+        ("nll_loss", (x, t), {"ignore_index": 2**63}),
+        ("binary_cross_entropy", (probabilities, outside), {}),
+        ("binary_cross_entropy", (outside, -probabilities), {"reduction": "none"}),
         ("cross_entropy", (x, high), {}),
         ("cross_entropy", (x, low), {"weight": rng.random(11)}),
         ("nll_loss", (x, high), {"ignore_index": 0}),

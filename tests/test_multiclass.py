@@ -470,3 +470,39 @@ def test_layouts_and_out(rng):
     value, grad = lf.cross_entropy.value_and_grad(x.astype(">f8"), t.astype(">i4"), out=out)
     assert grad is out and value == expected[0]
     np.testing.assert_array_equal(out, expected[1])
+
+
+# -- indices and options beyond int64 (API.md section 5: never a wrapped value) -----------------
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("big", [2**63, 2**64 - 100])
+def test_uint64_target_beyond_int64_is_refused(name, big, rng):
+    # 2**64 - 100 wrapped to int64 is -100, the default ignore_index: the row would be dropped
+    x, t = case(rng, (4, 5), ignore=False)
+    t = t.astype(np.uint64)
+    t[2] = big
+    before = snapshot(x, t)
+    loss = lf.get(name)
+    with pytest.raises(ValueError, match=rf"target .*{big}.* int64"):
+        loss(x, t)
+    with pytest.raises(ValueError, match=rf"target .*{big}.* int64"):
+        loss.value_and_grad(x, t)
+    with pytest.raises(ValueError, match=rf"target .*{big}.* int64"):
+        loss.value_and_grad(x, t, reduction="sum", ignore_index=-100)
+    assert_unchanged(before, (x, t))
+
+
+def test_unsigned_targets_that_fit_int64_are_class_indices(rng):
+    x, t = case(rng, (6, 5), ignore=False)
+    expected = lf.nll_loss.value_and_grad(x, t)
+    for dtype in [np.uint8, np.uint16, np.uint32, np.uint64]:
+        value, grad = lf.nll_loss.value_and_grad(x, t.astype(dtype))
+        assert value == expected[0]
+        np.testing.assert_array_equal(grad, expected[1])
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, np.uint64(2**63)])
+def test_ignore_index_beyond_int64_is_refused(name, ignore_index, rng):
+    x, t = case(rng, (4, 5))
+    with pytest.raises(ValueError, match=r"ignore_index must fit int64"):
+        lf.get(name)(x, t, ignore_index=ignore_index)

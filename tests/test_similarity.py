@@ -297,3 +297,20 @@ def test_fast_path_leaves_the_rest_to_the_general_path(rng):
         lf.cosine_embedding_loss.value_and_grad(x1, x2, t, out=out)
     expected = ref_embedding(x1, x2, t)
     np.testing.assert_allclose(lf.cosine_embedding_loss(x1, x2, t), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cosine_similarity", "cosine_embedding_loss"])
+def test_one_out_for_two_gradients_is_refused(name, rng):
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    arrays = (a, b) if name == "cosine_similarity" else (a, b, np.array([1, -1, 1, -1]))
+    loss = lf.get(name)
+    o = np.empty_like(a)
+    for options in [{}, {"reduction": "sum"} if loss.reduced else {"dim": 1}]:
+        with pytest.raises(ValueError, match="one array given for two gradients"):
+            loss.value_and_grad(*arrays, out=(o, o), **options)
+        with pytest.raises(ValueError, match="one array given for two gradients"):
+            loss.grad(*arrays, out=(o, o), **options)
+        buf = np.empty(a.size + 1)
+        halves = (buf[:-1].reshape(a.shape), buf[1:].reshape(a.shape))
+        with pytest.raises(ValueError, match="out arrays overlap"):
+            loss.value_and_grad(*arrays, out=halves, **options)

@@ -7,7 +7,8 @@ is not the input's full shape is materialised to it before the kernel (one copy)
 is the plain element mean (not divided by the weights). Input and target must have the same
 shape. ``binary_cross_entropy`` refuses inputs and targets outside [0, 1] with ``ValueError``
 naming the first such element in memory order (the input, when both are outside there), as
-PyTorch refuses them with an error; NaN propagates.
+PyTorch refuses them with an error; NaN inputs and targets propagate (PyTorch refuses a NaN
+target; lossforge treats NaN in any argument alike).
 
 The kernels are made from the formulas below by ``lossforge.kernels.Elementwise``;
 ``multilabel_soft_margin_loss`` is the logits formula in its row-mean form.

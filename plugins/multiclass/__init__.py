@@ -1,7 +1,8 @@
 """The multi-class family: ``cross_entropy`` and ``nll_loss``, with PyTorch 2.13's semantics.
 
 Shapes: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes along dimension 1);
-class-index targets ``()``, ``(N)`` or ``(N, d1, ..., dk)`` of any integer dtype; for
+class-index targets ``()``, ``(N)`` or ``(N, d1, ..., dk)`` of any integer dtype (uint64
+while its values fit int64: a larger one is a ``ValueError``, never a wrapped index); for
 ``cross_entropy`` also class-probability targets of the input's shape (float). The kernels
 work on rows of classes: K-dimensional inputs are moved to ``(N * d1 * ... * dk, C)`` first
 (one copy), and the gradient is moved back.
@@ -23,8 +24,8 @@ from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
 _SHAPE = """
     Shape:
         input: (C), (N, C) or (N, C, d1, ..., dk), classes along dimension 1.
-        target: class indices (), (N) or (N, d1, ..., dk), any integer dtype, in [0, C) or
-            equal to ignore_index{probs}.
+        target: class indices (), (N) or (N, d1, ..., dk), any integer dtype (uint64 values
+            must fit int64), in [0, C) or equal to ignore_index{probs}.
         weight: (C), one per class.
         Output: a scalar for "mean" and "sum"; for "none", the target's (index) shape.
 """

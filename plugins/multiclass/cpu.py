@@ -513,7 +513,7 @@ def _fast(checked, kernel, arrays, out):
         return None
     if out is None:
         out = np.empty(x.shape, dtype)
-    elif not validate.ready_out(out, x.shape, dtype):
+    elif not validate.ready_out(out, x.shape, dtype, arrays):
         return None
     total, denominator = checked(x, t, out)
     if not denominator:

@@ -178,10 +178,12 @@ def cosine_embedding_loss(p, loss_out, grads, grad_output, scale):
     )
 
 
-def _ready_pair(x1, x2, out):
-    """``(g1, g2)`` when the inputs are ready ``(N, D)`` NumPy rows (``validate.ready_arrays``,
-    N > 0) and ``out`` is ``None`` (allocated here) or a tuple of two ready gradients; else
+def _ready_pair(arrays, out):
+    """``(g1, g2)`` when the inputs ``arrays[:2]`` are ready ``(N, D)`` NumPy rows
+    (``validate.ready_arrays``, N > 0) and ``out`` is ``None`` (allocated here) or a tuple of
+    two ready gradients that share no memory with each other or with an argument; else
     ``None``."""
+    x1, x2 = arrays[0], arrays[1]
     dtype = validate.ready_arrays((x1, x2))
     if dtype is None or x1.ndim != 2 or x1.shape[0] == 0:
         return None
@@ -189,7 +191,11 @@ def _ready_pair(x1, x2, out):
         return np.empty(x1.shape, dtype), np.empty(x1.shape, dtype)
     if type(out) is not tuple or len(out) != 2:
         return None
-    if validate.ready_out(out[0], x1.shape, dtype) and validate.ready_out(out[1], x1.shape, dtype):
+    inputs = tuple(a for a in arrays if type(a) is np.ndarray)
+    g1, g2 = out
+    if validate.ready_out(g1, x1.shape, dtype, (*inputs, g2)) and validate.ready_out(
+        g2, x1.shape, dtype, inputs
+    ):
         return out
     return None
 
@@ -201,7 +207,7 @@ def fast_cosine_similarity(arrays, out):
     if len(arrays) != 2:
         return None
     x1, x2 = arrays
-    grads = _ready_pair(x1, x2, out)
+    grads = _ready_pair(arrays, out)
     if grads is None:
         return None
     value = np.empty(x1.shape[0], x1.dtype)
@@ -215,7 +221,7 @@ def fast_cosine_embedding_loss(arrays, out):
     if len(arrays) != 3:
         return None
     x1, x2, t = arrays
-    grads = _ready_pair(x1, x2, out)
+    grads = _ready_pair(arrays, out)
     if grads is None or type(t) is not np.ndarray or t.shape != x1.shape[:1]:
         return None
     if t.dtype.kind not in "iuf":

@@ -152,6 +152,12 @@ class Loss:
                 grads = finals = (out,)
             else:
                 grads, finals = self._grad_buffers(p, out)
+            if out is not None and p.backend == "cpu":
+                validate.check_out_overlap(
+                    finals,
+                    self.differentiable,
+                    (*zip(self.arguments, arrays), *options.items(), ("grad_output", grad_output)),
+                )
         loss_out = None
         if want_value and not reduced:
             loss_out = dispatch.empty(p.value_shape, p.dtype, p.backend)

@@ -251,9 +251,9 @@ def parallel_kernel(fn: Callable | None = None, *, parallel_min: int = PARALLEL_
 def ready_elementwise(arrays: tuple[Any, ...], out: Any) -> tuple[Any, ...] | None:
     """For the ``KernelSpec.fast`` of an element-wise loss of (input, target): when both are
     NumPy arrays as kernels take them (``validate.ready_arrays``, not empty) and ``out`` is
-    ``None`` or ready too, ``(x, y, out, grad)``: flat views of the arguments, ``out``
-    (allocated if ``None``) and a flat view of it for the kernel to write. Else ``None``: the
-    general path handles the call."""
+    ``None`` or ready too (sharing no memory with them), ``(x, y, out, grad)``: flat views of
+    the arguments, ``out`` (allocated if ``None``) and a flat view of it for the kernel to
+    write. Else ``None``: the general path handles the call."""
     if len(arrays) != 2:
         return None
     dtype = validate.ready_arrays(arrays)
@@ -262,8 +262,8 @@ def ready_elementwise(arrays: tuple[Any, ...], out: Any) -> tuple[Any, ...] | No
     x, y = arrays
     if out is None:
         out = np.empty(x.shape, dtype)
-    elif not validate.ready_out(out, x.shape, dtype):
-        return None
+    elif not validate.ready_out(out, x.shape, dtype, arrays):
+        return None  # an out that overlaps an input included: the general path refuses it
     return x.ravel(), y.ravel(), out, out.ravel()
 
 
