@@ -6,7 +6,7 @@
 # fails (asv returns 2) or cannot be discovered.
 #
 #   bash asv_bench/ci_quick.sh                 # every benchmark
-#   bash asv_bench/ci_quick.sh -b CrossEntropy # extra arguments go to `asv run`
+#   bash asv_bench/ci_quick.sh -b cross_entropy # extra arguments go to `asv run`
 #
 # PYTHON selects the interpreter (default: `python` on PATH, e.g. an activated venv); it
 # needs lossforge installed and asv >= 0.6 (`pip install -e ".[bench]"`).

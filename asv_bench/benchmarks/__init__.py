@@ -1,2 +1,3 @@
-"""lossforge's asv benchmarks: a module per loss family, a class per loss (see
-docs/benchmarks.md). ``common`` holds the parameters and the shared base class."""
+"""lossforge's asv benchmarks: ``bench_losses.Losses``, one class parametrized over every
+registered loss and the input kinds it declares, and ``bench_startup`` (see
+docs/benchmarks.md). ``common`` holds the parameters and helpers."""

@@ -5,9 +5,7 @@ kernel loaded from the cache)."""
 
 from typing import ClassVar
 
-from .common import lossforge_loss, skip
-
-FIRST_CALL_LOSSES = ["mse_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
+from .common import CASE_INPUTS, CASES, case_inputs, skip
 
 
 class Import:
@@ -19,25 +17,27 @@ class Import:
 
 
 class FirstCall:
-    """``value_and_grad`` on 1000 elements (the serial kernel), after ``import lossforge``."""
+    """``value_and_grad`` on 1000 elements (the serial kernel), after ``import lossforge``,
+    for every case of ``bench_losses.Losses``."""
 
-    params: ClassVar[list] = [FIRST_CALL_LOSSES]
-    param_names: ClassVar[list] = ["loss"]
+    params: ClassVar[list] = [CASES]
+    param_names: ClassVar[list] = ["case"]
     timeout = 600
 
-    def setup(self, loss):
-        lossforge_loss(loss)
+    def setup(self, case):
+        loss, _, _ = case_inputs(case, 1000, "float32")
         try:
             from lossforge.warmup import warmup
         except ImportError:
             skip("this lossforge has no lossforge.warmup")
-        warmup([loss], dtypes=("float32",))  # the cache the timed process will find
+        warmup([loss.name], dtypes=("float32",))  # the cache the timed process will find
 
-    def timeraw_first_call(self, loss):
+    def timeraw_first_call(self, case):
+        name, variant = CASE_INPUTS[case]
         setup = (
-            "import numpy as np, lossforge as lf\n"
-            "from lossforge.inputs import make_inputs\n"
-            f"arrays, options = make_inputs({loss!r}, 1000, 'float32', np.random.default_rng(0))\n"
-            f"fn = lf.get({loss!r})"
+            "import lossforge as lf\n"
+            "from lossforge.inputs import draw\n"
+            f"fn = lf.get({name!r})\n"
+            f"arrays = draw(fn, 1000, 'float32', 0, {variant!r})"
         )
-        return "fn.value_and_grad(*arrays, **options)", setup
+        return "fn.value_and_grad(*arrays)", setup

@@ -1,32 +1,51 @@
-"""What every loss's benchmarks share: the parameters and the base class.
+"""What every benchmark shares: the parameters and the inputs.
 
-Inputs come from :mod:`lossforge.inputs` (seeded, realistic, the same as
-``python -m lossforge bench`` uses). Kernels are compiled, or loaded from Numba's cache, in
-``setup``, so that no timing includes compilation. A loss that the installed lossforge does
-not register (an older commit under ``asv continuous``), or a lossforge without
-``lossforge.inputs``, makes ``setup`` raise ``NotImplementedError``: asv's "skipped".
+Inputs come from each loss's own ``LossSpec.example`` through ``lossforge.inputs.draw``
+(seed 0, default options: the same as ``python -m lossforge bench`` uses), so a third-party
+loss that declares ``example=`` is benchmarked too. A *case* is a loss and one of the input
+kinds it declares (``LossSpec.example_variants``): ``'mse_loss'``,
+``'cross_entropy[classes=10]'``. Changing a loss's ``example`` changes its benchmark's
+inputs: compare commits on either side of such a change with care.
+
+Kernels are compiled, or loaded from Numba's cache, in ``setup``, so that no timing includes
+compilation. A case that the installed lossforge does not register (an older commit under
+``asv continuous``), or a lossforge without ``lossforge.inputs.draw``, makes ``setup`` raise
+``NotImplementedError``: asv's "skipped".
 
 ``LOSSFORGE_ASV_QUICK=1`` (set by ``asv_bench/ci_quick.sh``) shrinks the parameters so that
-a pass over every benchmark takes a few minutes (asv starts a process for each parameter
+a pass over every benchmark takes a minute or two (asv starts a process for each parameter
 combination): 10^3 and 3 * 10^5 elements (above ``PARALLEL_MIN``, so both the serial and the
-parallel kernels run), for ``cross_entropy`` the shapes (64, 10) and (2000, 1000), float32
-only, 2 threads only.
+parallel kernels run), float32 only, 2 threads only.
 """
 
 from __future__ import annotations
 
 import os
-from typing import ClassVar
 
-import numpy as np
+import lossforge
 
 QUICK = os.environ.get("LOSSFORGE_ASV_QUICK", "") not in ("", "0")
 
 SIZES = [10**3, 3 * 10**5] if QUICK else [10**3, 10**5, 10**7]
-#: Extra (rows, classes) shapes of cross_entropy.
-SHAPES = [(64, 10), (2000, 1000)] if QUICK else [(10**6, 10), (10**4, 1000), (313, 32000)]
 DTYPES = ["float32"] if QUICK else ["float32", "float64"]
 THREADS = [2] if QUICK else [1, 2]
+
+
+def _cases() -> dict[str, tuple[str, dict]]:
+    """``{case: (loss name, example keywords)}`` for every registered loss."""
+    try:
+        from lossforge.inputs import label, variants
+    except ImportError:  # an older lossforge: every case skips in setup
+        return {name: (name, {}) for name in lossforge.list_losses()}
+    cases = {}
+    for name in lossforge.list_losses():
+        for variant in variants(lossforge.get(name)):
+            cases[f"{name}[{label(variant)}]" if variant else name] = (name, variant)
+    return cases
+
+
+CASE_INPUTS = _cases()
+CASES = list(CASE_INPUTS)
 
 
 def skip(reason: str) -> None:
@@ -43,13 +62,17 @@ def lossforge_loss(name: str):
     return lf.get(name)
 
 
-def make_inputs(name, size, dtype):
-    """``lossforge.inputs.make_inputs`` with seed 0, or skip if this lossforge lacks it."""
+def case_inputs(case: str, size: int, dtype: str):
+    """``(loss, arrays, positions of the differentiable arrays)`` for ``case``, or skip."""
     try:
-        from lossforge.inputs import make_inputs as factory
+        from lossforge.inputs import draw, positions
     except ImportError:
-        skip("this lossforge has no lossforge.inputs")
-    return factory(name, size, dtype, np.random.default_rng(0))
+        skip("this lossforge has no lossforge.inputs.draw")
+    if case not in CASE_INPUTS:
+        skip(f"{case} is not a case of this lossforge")
+    name, variant = CASE_INPUTS[case]
+    loss = lossforge_loss(name)
+    return loss, draw(loss, size, dtype, 0, variant), positions(loss)
 
 
 def set_threads(threads: int) -> int:
@@ -61,44 +84,3 @@ def set_threads(threads: int) -> int:
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     return before
-
-
-class _LossBenchmark:
-    """A loss's benchmarks; subclasses set ``loss`` (and may replace ``params``).
-
-    ``time_value``: the value alone (``loss(*arrays)``). ``time_value_and_grad``: value and
-    gradient into a preallocated ``out=``. ``peakmem_value_and_grad``: the process's peak
-    memory over a value-and-gradient call that allocates its gradient (inputs included).
-    """
-
-    loss = ""
-    params: ClassVar[list] = [SIZES, DTYPES, THREADS]
-    param_names: ClassVar[list] = ["size", "dtype", "threads"]
-    timeout = 600  # a cold Numba cache compiles for seconds in setup
-
-    def setup(self, size, dtype, threads):
-        self.fn = lossforge_loss(self.loss)
-        self.arrays, self.options = make_inputs(self.loss, size, dtype)
-        self.before = set_threads(threads)
-        n = len(self.fn.differentiable)
-        out = tuple(np.empty_like(a) for a in self.arrays[:n])
-        self.out = out[0] if n == 1 else out
-        # Compile (or load from Numba's cache) every variant that the timings call.
-        self.fn(*self.arrays, **self.options)
-        self.fn.value_and_grad(*self.arrays, out=self.out, **self.options)
-
-    def teardown(self, size, dtype, threads):
-        before = getattr(self, "before", None)  # asv tears down after a skipped setup too
-        if before is not None:
-            import numba
-
-            numba.set_num_threads(before)
-
-    def time_value(self, size, dtype, threads):
-        self.fn(*self.arrays, **self.options)
-
-    def time_value_and_grad(self, size, dtype, threads):
-        self.fn.value_and_grad(*self.arrays, out=self.out, **self.options)
-
-    def peakmem_value_and_grad(self, size, dtype, threads):
-        self.fn.value_and_grad(*self.arrays, **self.options)

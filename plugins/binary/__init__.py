@@ -213,8 +213,8 @@ def _example_logits(rng, size, dtype):
     return (x, y), {"pos_weight": (rng.random(shape[-1]) * 3).astype(dtype)}
 
 
-def _example_multilabel(rng, size, dtype):
-    shape = _shape(size)
+def _example_multilabel(rng, size, dtype, classes=8):
+    shape = (max(size // classes, 1), classes)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     return (x, (rng.random(shape) < 0.3).astype(dtype)), {}
 
@@ -258,6 +258,7 @@ SPECS = [
         prepare=_prepare_multilabel,
         reference=_ref_multilabel,
         example=_example_multilabel,
+        example_variants=({"classes": 100},),
         doc="""Multi-label one-versus-all loss: a sigmoid on every output and the log loss,
     averaged over the C classes of each sample:
     ``loss_n = -(1/C) sum_c w_c (y log sigmoid(x) + (1 - y) log sigmoid(-x))``.

@@ -179,12 +179,12 @@ def _example(rng, size, dtype, classes=10):
     rows = max(size // classes, 1) if size else 0
     x = (rng.standard_normal((rows, classes)) * 2).astype(dtype)
     t = rng.integers(0, classes, rows)
-    t[::7] = -100
+    t[1::7] = -100  # ignored rows, but never the first (one row: counted)
     return (x, t), {"weight": (rng.random(classes) + 0.5).astype(dtype)}
 
 
-def _example_cross_entropy(rng, size, dtype):
-    arrays, options = _example(rng, size, dtype)
+def _example_cross_entropy(rng, size, dtype, classes=10):
+    arrays, options = _example(rng, size, dtype, classes)
     return arrays, dict(options, label_smoothing=0.1)
 
 
@@ -203,6 +203,8 @@ SPECS = [
         prepare=_prepare_cross_entropy,
         reference=_ref_cross_entropy,
         example=_example_cross_entropy,
+        # a kernel for few classes, one for rows up to 256, one for longer rows; a vocabulary
+        example_variants=({"classes": 10}, {"classes": 100}, {"classes": 1000}, {"classes": 32000}),
         doc="""Cross entropy of logits: ``log_softmax`` then the negative log-likelihood.
 
     For a class-index target ``t`` with smoothing ``e`` and class weights ``w``:
@@ -223,6 +225,7 @@ SPECS = [
         prepare=_prepare_nll,
         reference=_ref_nll,
         example=_example,
+        example_variants=({"classes": 100},),
         doc="""Negative log-likelihood of log-probabilities: ``loss = -w_t input[t]``,
     0 where ``target == ignore_index``. Gradient: ``-w_t`` at the target class, 0 elsewhere.
 """

@@ -110,22 +110,22 @@ def _ref_cosine_embedding(input1, input2, target, margin=0.0, **_):
     return np.where(t == 1, 1 - cos, np.where(t == -1, np.maximum(cos - margin, 0), 0.0))
 
 
-def _pair(rng, size, dtype):
-    shape = (size // 8, 8) if size >= 8 else (size,)
+def _pair(rng, size, dtype, features=8):
+    shape = (max(size // features, 1), features)
     return (
         rng.standard_normal(shape).astype(dtype),
         rng.standard_normal(shape).astype(dtype),
     )
 
 
-def _example_similarity(rng, size, dtype):
-    x1, x2 = _pair(rng, size, dtype)
+def _example_similarity(rng, size, dtype, features=8):
+    x1, x2 = _pair(rng, size, dtype, features)
     return (x1, x2), {"dim": -1}
 
 
-def _example_embedding(rng, size, dtype):
-    x1, x2 = _pair(rng, size, dtype)
-    return (x1, x2, rng.choice([-1.0, 1.0], x1.shape[:-1])), {"margin": 0.1}
+def _example_embedding(rng, size, dtype, features=8):
+    x1, x2 = _pair(rng, size, dtype, features)
+    return (x1, x2, rng.choice([-1.0, 1.0], x1.shape[:-1]).astype(dtype)), {"margin": 0.1}
 
 
 SPECS = [
@@ -138,6 +138,7 @@ SPECS = [
         prepare=_prepare_cosine_similarity,
         reference=_ref_cosine_similarity,
         example=_example_similarity,
+        example_variants=({"features": 128},),
         doc="""Cosine similarity along ``dim`` (a similarity: not reduced, no ``reduction``):
     ``sum(x1 / max(|x1|, eps) * x2 / max(|x2|, eps))``, as PyTorch computes it.
     ``grad`` returns ``(d/dx1, d/dx2)``; ``grad_output`` has the value's shape.
@@ -156,6 +157,7 @@ SPECS = [
         prepare=_prepare_cosine_embedding,
         reference=_ref_cosine_embedding,
         example=_example_embedding,
+        example_variants=({"features": 128},),
         doc="""Cosine embedding loss: ``1 - cos`` where ``target == 1`` and
     ``max(0, cos - margin)`` where ``target == -1`` (other targets give 0, as in PyTorch),
     with ``cos = x1.x2 / sqrt((|x1|^2 + e)(|x2|^2 + e))``, ``e`` PyTorch's 1e-12 held in a float32.

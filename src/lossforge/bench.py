@@ -1,29 +1,41 @@
-"""``python -m lossforge bench``: lossforge beside its peers, and beside the memory floor.
+"""``python -m lossforge bench``: lossforge beside PyTorch, and beside the memory floor.
 
-For every registered loss (or ``--loss NAME``, repeatable), at each size (``--sizes``,
-default 10^6 and 10^7 elements; ``cross_entropy`` also at the ``(rows, classes)`` shapes of
-``--shapes``, default (10^6, 10), (10^4, 1000), (313, 32000), (64, 10)) and each thread count
-(``--threads``, default: all of Numba's threads), it times one value-and-gradient step:
+For every registered loss that declares a ``LossSpec.example`` (or ``--loss NAME``,
+repeatable), for each of its ``LossSpec.example_variants`` (e.g. rows of 10, 100, 1000 and
+32000 classes; none declared: the plain ``example(rng, size, dtype)``), at each size
+(``--sizes``, default 10^6 and 10^7 elements) and each thread count (``--threads``, default:
+all of Numba's threads), it times one value-and-gradient step on the example's arrays with
+every option at its default (``lossforge.inputs.draw``):
 
 - **lossforge**: ``loss.value_and_grad(*arrays, out=grad)``, a preallocated gradient;
-- **numpy**: a plain NumPy implementation of the value and its gradient (one thread);
-- **torch**: PyTorch forward + ``torch.autograd.grad``, ``torch.set_num_threads`` = the row's
-  thread count (when PyTorch is installed);
-- **jax**: ``jax.jit(jax.value_and_grad(f))`` on device-resident arrays (when JAX is
-  installed; it runs on XLA's own thread pool, which cannot be resized in a process).
+- **torch**: ``torch.nn.functional.<name>`` on the same arrays (as tensors; integer arrays,
+  class indices, as int64), forward + ``torch.autograd.grad`` w.r.t. the loss's
+  ``differentiable`` arguments (with a ``grad_outputs`` of ones for an unreduced value),
+  ``torch.set_num_threads`` = the row's thread count; when PyTorch is installed and has a
+  function of that name.
+
+There is no NumPy or JAX column any more: both needed a copy of every loss's math in this
+module, which the core must not hold (a third-party loss would have had none). The float64
+``LossSpec.reference`` is not timed in their place: it computes the value alone, in float64,
+so its time beside a fused float32 value-and-gradient would compare different work; it is
+the conformance kit's yardstick for correctness, not a peer.
+
+``--example KEY=VALUE`` (repeatable) replaces the declared variants with one keyword set for
+every selected loss, e.g. ``--loss cross_entropy --sizes 640 --example classes=10`` for
+(64, 10) logits; a loss whose ``example`` does not take it is left out with a message.
 
 Each figure is the median over repeats of one call (calls shorter than a millisecond are
-timed in batches). ``GB/s`` is what the fused pass must move, each input read once and the
-gradient written once, divided by lossforge's median; ``floor`` is that bandwidth as a share of
-the machine's streaming bandwidth, measured in the same run by a parallel Numba triad
+timed in batches). ``GB/s`` is what the fused pass must move, each input read once and each
+gradient written once, divided by lossforge's median; ``floor`` is that bandwidth as a share
+of the machine's streaming bandwidth, measured in the same run by a parallel Numba triad
 ``a = b + s * c`` (3 x 80 MB, float64) at the same thread count. Shares above 100% mean the
-arrays (partly) fit in the caches. ``Nx`` after a peer's time is the peer's time over
+arrays (partly) fit in the caches. ``Nx`` after the peer's time is the peer's time over
 lossforge's: how many times faster lossforge is.
 
-Before timing, every implementation's value and gradient is compared with lossforge's; a
-disagreement is reported (``!`` in the table, and on stderr). Progress goes to stderr, the
-table to stdout, raw figures to ``--json PATH``. ``--quick`` runs one small size with few
-repeats. ``--backend cuda`` hands the arguments (without ``--backend``) to
+Before timing, PyTorch's value and gradients are compared with lossforge's; a disagreement
+is reported (``!`` in the table, and on stderr). Progress goes to stderr, the table to
+stdout, raw figures to ``--json PATH``. ``--quick`` runs one small size with few repeats.
+``--backend cuda`` hands the arguments (without ``--backend``) to
 ``lossforge.bench_cuda.main``.
 """
 
@@ -48,12 +60,8 @@ import lossforge as lf
 from lossforge import inputs
 
 DEFAULT_SIZES = (10**6, 10**7)
-DEFAULT_SHAPES = ((10**6, 10), (10**4, 1000), (313, 32000), (64, 10))
 QUICK_SIZES = (10**5,)
-QUICK_SHAPES = ((64, 10),)
-#: Losses that get the extra ``--shapes`` (rows, classes).
-SHAPED_LOSSES = ("cross_entropy",)
-PEERS = ("numpy", "torch", "jax")
+PEERS = ("torch",)
 
 TRIAD_N = 10**7  # float64 elements per triad array: 80 MB, far beyond any cache
 
@@ -81,19 +89,24 @@ def _count(text: str) -> int:
     return value
 
 
-def _shape(text: str) -> tuple[int, int]:
-    """``ROWSxCLASSES``, e.g. ``1e6x10`` or ``313x32000``."""
-    parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"not a ROWSxCLASSES shape: {text!r}")
-    return (_count(parts[0]), _count(parts[1]))
+def _keyword(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for ``example``: the value an int, else a float, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"not a KEY=VALUE keyword: {text!r}")
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lossforge bench",
-        description="lossforge value_and_grad beside NumPy, PyTorch and JAX, and beside the "
-        "machine's memory bandwidth.",
+        description="lossforge value_and_grad beside PyTorch, and beside the machine's memory "
+        "bandwidth, on inputs from each loss's LossSpec.example.",
         epilog="Columns: time = median of one call; GB/s = bytes a fused pass moves (inputs "
         "read once, gradient written once) / lossforge's time; floor = that bandwidth / the "
         "triad's; 'Nx' = the peer's time / lossforge's.",
@@ -103,12 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--sizes", nargs="+", type=_count, metavar="N", help="element counts (default 1e6 1e7)"
     )
     p.add_argument(
-        "--shapes",
-        nargs="*",
-        type=_shape,
-        metavar="RxC",
-        help="extra (rows, classes) shapes for cross_entropy (default 1e6x10 1e4x1000 "
-        "313x32000 64x10; give none to skip)",
+        "--example",
+        action="append",
+        type=_keyword,
+        metavar="KEY=VALUE",
+        help="a keyword for each loss's example, instead of its declared variants (repeatable)",
     )
     p.add_argument("--threads", nargs="+", type=int, metavar="T", help="thread counts")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -173,25 +185,22 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ValueError(f"unknown loss {unknown[0]!r}; registered: {', '.join(registered)}")
-    skipped = [n for n in names if n not in inputs.KNOWN]
+    skipped = [n for n in names if not inputs.variants(lf.get(n))]
     if skipped:
-        _stderr(f"(no input factory for {', '.join(skipped)}: left out)")
-    names = [n for n in names if n in inputs.KNOWN]
+        _stderr(f"(no LossSpec.example for {', '.join(skipped)}: left out)")
     most = numba.config.NUMBA_NUM_THREADS
     threads = args.threads or [most]
     for t in threads:
         if not 1 <= t <= most:
             raise ValueError(f"--threads must be in [1, {most}] (NUMBA_NUM_THREADS), got {t}")
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    shapes = args.shapes
-    if shapes is None:
-        shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     cases = []
     for name in names:
-        for size in sizes:
-            cases.append((name, int(size)))
-        if name in SHAPED_LOSSES:
-            cases.extend((name, tuple(s)) for s in shapes)
+        declared = inputs.variants(lf.get(name))
+        if not declared:
+            continue
+        for variant in [dict(args.example)] if args.example else declared:
+            cases.extend((name, variant, int(size)) for size in sizes)
     return {
         "cases": cases,
         "threads": list(threads),
@@ -273,11 +282,8 @@ def run(plan: dict[str, Any], progress: Callable[[str], None] = _stderr) -> dict
     from lossforge.runtime.cpu import threads as numba_threads
 
     torch = _optional("torch") if "torch" in plan["peers"] else None
-    jax = _optional("jax") if "jax" in plan["peers"] else None
-    if jax is not None and plan["dtype"] == "float64":
-        jax.config.update("jax_enable_x64", True)
     report: dict[str, Any] = {
-        "machine": _machine(numba, torch, jax),
+        "machine": _machine(numba, torch),
         "dtype": plan["dtype"],
         "threads": plan["threads"],
         "floor": {},
@@ -292,39 +298,38 @@ def run(plan: dict[str, Any], progress: Callable[[str], None] = _stderr) -> dict
     torch_threads = torch.get_num_threads() if torch is not None else None
     total = len(plan["cases"])
     try:
-        for i, (name, size) in enumerate(plan["cases"], 1):
+        for i, (name, variant, size) in enumerate(plan["cases"], 1):
             loss = lf.get(name)
             rng = np.random.default_rng(plan["seed"])
-            arrays, options = inputs.make_inputs(name, size, plan["dtype"], rng)
-            ndiff = len(loss.differentiable)
-            label = _shape_label(name, arrays[0].shape)
-            out = tuple(np.empty_like(arrays[k]) for k in range(ndiff))
-            out_arg = out[0] if ndiff == 1 else out
+            try:
+                arrays = inputs.draw(loss, size, plan["dtype"], rng, variant)
+            except Exception as exc:  # a third party's example, or a keyword it does not take
+                why = f"example({inputs.label(variant)}): {exc!r}"
+                progress(f"[{i}/{total}] ! {name} {why}; left out")
+                continue
+            label = _shape_label(arrays[0].shape)
+            out = tuple(np.empty_like(arrays[k]) for k in inputs.positions(loss))
+            out_arg = out[0] if len(out) == 1 else out
             progress(f"[{i}/{total}] {name} {label}: compiling / checking ...")
-            value, grad = loss.value_and_grad(*arrays, out=out_arg, **options)
-            grads = (grad,) if ndiff == 1 else tuple(grad)
-            impls = _peers(plan["peers"], name, arrays, options, ndiff, torch, jax)
-            checks = {p: _compare(value, grads, impl(), plan["dtype"]) for p, impl in impls.items()}
-            for peer, check in checks.items():
-                if not check["ok"]:
-                    progress(
-                        f"  ! {peer} disagrees with lossforge: value rel {check['value_rel']:.2g}"
-                        f", gradient rel {check['grad_rel']:.2g}"
-                    )
-            once = {}  # peers that do not depend on the thread count: timed once
-            for peer in ("numpy", "jax"):
-                if peer in impls:
-                    progress(f"  {peer} ...")
-                    once[peer] = measure(impls[peer], **timing)
-            nbytes = inputs.nbytes_fused(arrays, ndiff)
+            value, grad = loss.value_and_grad(*arrays, out=out_arg)
+            grads = (grad,) if len(out) == 1 else tuple(grad)
+            peer = _torch_impl(torch, loss, arrays, progress) if torch is not None else None
+            check = _compare(value, grads, peer(), plan["dtype"]) if peer else None
+            if check is not None and not check["ok"]:
+                progress(
+                    f"  ! torch disagrees with lossforge: value rel {check['value_rel']:.2g}"
+                    f", gradient rel {check['grad_rel']:.2g}"
+                )
+            nbytes = inputs.nbytes_fused(loss, arrays)
             for t in plan["threads"]:
                 progress(f"  {t} thread(s): lossforge ...")
                 with numba_threads(t):
-                    call = functools.partial(loss.value_and_grad, *arrays, out=out_arg, **options)
+                    call = functools.partial(loss.value_and_grad, *arrays, out=out_arg)
                     call()
                     ours = measure(call, **timing)
                 row: dict[str, Any] = {
                     "loss": name,
+                    "variant": variant,
                     "shape": list(arrays[0].shape),
                     "label": label,
                     "elements": int(arrays[0].size),
@@ -333,19 +338,15 @@ def run(plan: dict[str, Any], progress: Callable[[str], None] = _stderr) -> dict
                     "bytes": nbytes,
                     "lossforge": ours,
                     "gbps": nbytes / ours["median_s"] / 1e9,
+                    "torch": None,
                 }
                 row["floor_fraction"] = row["gbps"] / report["floor"][str(t)]["gbps"]
-                for peer in PEERS:
-                    if peer in once:
-                        row[peer] = {**once[peer], **checks[peer]}
-                    elif peer == "torch" and "torch" in impls:
-                        progress(f"  {t} thread(s): torch ...")
-                        torch.set_num_threads(t)
-                        row[peer] = {**measure(impls["torch"], **timing), **checks["torch"]}
-                    else:
-                        row[peer] = None
-                    if row[peer] is not None:
-                        row[peer]["ratio"] = row[peer]["median_s"] / ours["median_s"]
+                if peer is not None:
+                    progress(f"  {t} thread(s): torch ...")
+                    torch.set_num_threads(t)
+                    theirs = measure(peer, **timing)
+                    ratio = theirs["median_s"] / ours["median_s"]
+                    row["torch"] = {**theirs, **check, "ratio": ratio}
                 report["results"].append(row)
     finally:
         if torch is not None:
@@ -360,7 +361,7 @@ def _optional(module: str) -> Any:
         return None
 
 
-def _machine(numba: Any, torch: Any, jax: Any) -> dict[str, Any]:
+def _machine(numba: Any, torch: Any) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -371,11 +372,10 @@ def _machine(numba: Any, torch: Any, jax: Any) -> dict[str, Any]:
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "lossforge": lf.__version__,
         "torch": None if torch is None else torch.__version__,
-        "jax": None if jax is None else jax.__version__,
     }
 
 
-def _shape_label(name: str, shape: tuple[int, ...]) -> str:
+def _shape_label(shape: tuple[int, ...]) -> str:
     return "x".join(_compact(s) for s in shape)
 
 
@@ -397,6 +397,8 @@ def _compare(value: Any, grads: tuple[np.ndarray, ...], theirs: Any, dtype: str)
         b = np.asarray(b, np.float64)
         if a.shape != b.shape:
             return math.inf
+        both_nan = np.isnan(a) & np.isnan(b)  # e.g. the "mean" over targets all ignored
+        a, b = np.where(both_nan, 0.0, a), np.where(both_nan, 0.0, b)
         scale = max(float(np.max(np.abs(a), initial=0.0)), 1e-30)
         return float(np.max(np.abs(a - b), initial=0.0)) / scale
 
@@ -409,255 +411,37 @@ def _compare(value: Any, grads: tuple[np.ndarray, ...], theirs: Any, dtype: str)
     }
 
 
-# -- the peers ---------------------------------------------------------------------------------
-def _peers(
-    peers: Sequence[str],
-    name: str,
-    arrays: tuple[np.ndarray, ...],
-    options: dict[str, Any],
-    ndiff: int,
-    torch: Any,
-    jax: Any,
-) -> dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]]:
-    """Callables returning ``(value, gradients)`` as NumPy-convertible objects."""
-    impls = {}
-    if "numpy" in peers:
-        f = NUMPY_VALUE_AND_GRAD[name]
-        impls["numpy"] = lambda: f(*arrays, **options)
-    if torch is not None:
-        impls["torch"] = _torch_impl(torch, name, arrays, options, ndiff)
-    if jax is not None:
-        impls["jax"] = _jax_impl(jax, name, arrays, options, ndiff)
-    return impls
-
-
-def _torch_impl(torch: Any, name: str, arrays: Any, options: dict, ndiff: int) -> Callable:
+# -- the peer ---------------------------------------------------------------------------------
+def _torch_impl(
+    torch: Any, loss: Any, arrays: tuple[np.ndarray, ...], progress: Callable[[str], None]
+) -> Callable[[], tuple[Any, tuple[Any, ...]]] | None:
+    """``torch.nn.functional.<name>`` forward + ``torch.autograd.grad`` on the same arrays
+    (default options), as a callable returning ``(value, gradients)``; ``None`` when PyTorch
+    has no such function or cannot run it on these arrays (said through ``progress``)."""
     import torch.nn.functional as F
 
-    fn = getattr(F, name)
-    tensors = [torch.from_numpy(a) for a in arrays]
-    leaves = [tensors[k].detach().requires_grad_(True) for k in range(ndiff)]
-    args = [*leaves, *tensors[ndiff:]]
-    ones = None
-    if name == "cosine_similarity":  # not reduced: the gradient of the rows' sum
-        ones = torch.ones(arrays[0].shape[0], dtype=tensors[0].dtype)
+    fn = getattr(F, loss.name, None)
+    if fn is None:
+        return None
+    tensors = [torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a) for a in arrays]
+    leaves = []
+    for k in inputs.positions(loss):
+        tensors[k] = tensors[k].detach().requires_grad_(True)
+        leaves.append(tensors[k])
+    try:
+        probe = fn(*tensors)
+    except Exception as exc:
+        progress(f"  (torch.nn.functional.{loss.name} cannot run these inputs: {exc!r})")
+        return None
+    # An unreduced value is differentiated with ones, as lossforge's default grad_output.
+    ones = None if probe.ndim == 0 else torch.ones_like(probe)
 
     def step() -> tuple[Any, tuple[Any, ...]]:
-        value = fn(*args, **options)
+        value = fn(*tensors)
         grads = torch.autograd.grad(value, leaves, grad_outputs=ones)
         return value.detach(), grads
 
     return step
-
-
-def _jax_impl(jax: Any, name: str, arrays: Any, options: dict, ndiff: int) -> Callable:
-    import jax.numpy as jnp
-
-    value = VALUES[name]
-    # A non-reduced value (cosine_similarity) is differentiated through its sum: the same
-    # vector-Jacobian product as a grad_output of ones.
-    reduced = name != "cosine_similarity"
-
-    def scalar(*a: Any) -> Any:
-        v = value(jnp, *a, **options)
-        return v if reduced else jnp.sum(v)
-
-    if reduced:
-        f = jax.jit(jax.value_and_grad(scalar, argnums=tuple(range(ndiff))))
-    else:
-        g = jax.grad(scalar, argnums=tuple(range(ndiff)))
-        f = jax.jit(lambda *a: (value(jnp, *a, **options), g(*a)))
-    device = [jax.device_put(a) for a in arrays]
-
-    def step() -> tuple[Any, tuple[Any, ...]]:
-        return jax.block_until_ready(f(*device))
-
-    return step
-
-
-# Loss values written once for NumPy and jax.numpy (``xp``), reduction "mean" (a similarity
-# for cosine_similarity); the options are the defaults unless given.
-def _v_mse(xp, x, y):
-    d = x - y
-    return xp.mean(d * d)
-
-
-def _v_l1(xp, x, y):
-    return xp.mean(xp.abs(x - y))
-
-
-def _v_smooth_l1(xp, x, y, beta=1.0):
-    d = x - y
-    a = xp.abs(d)
-    return xp.mean(xp.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta))
-
-
-def _v_huber(xp, x, y, delta=1.0):
-    d = x - y
-    a = xp.abs(d)
-    return xp.mean(xp.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta)))
-
-
-def _v_bce(xp, x, y):
-    lx = xp.maximum(xp.log(x), -100.0)
-    l1x = xp.maximum(xp.log(1 - x), -100.0)
-    return -xp.mean(y * lx + (1 - y) * l1x)
-
-
-def _v_bce_logits(xp, x, y):
-    return xp.mean(xp.logaddexp(0.0, x) - y * x)
-
-
-def _v_multilabel(xp, x, y):
-    return xp.mean(xp.mean(xp.logaddexp(0.0, x) - y * x, axis=-1))
-
-
-def _lse(xp, z):
-    m = xp.max(z, axis=1, keepdims=True)
-    return m[:, 0] + xp.log(xp.sum(xp.exp(z - m), axis=1))
-
-
-def _picked(xp, z, t):
-    return xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
-
-
-def _v_cross_entropy(xp, z, t):
-    return xp.mean(_lse(xp, z) - _picked(xp, z, t))
-
-
-def _v_nll(xp, x, t):
-    return -xp.mean(_picked(xp, x, t))
-
-
-def _v_cosine_similarity(xp, a, b, dim=1, eps=1e-8):
-    n1 = xp.maximum(xp.sqrt(xp.sum(a * a, axis=1)), eps)
-    n2 = xp.maximum(xp.sqrt(xp.sum(b * b, axis=1)), eps)
-    return xp.sum(a * b, axis=1) / (n1 * n2)
-
-
-def _v_cosine_embedding(xp, a, b, t, margin=0.0):
-    cos = xp.sum(a * b, axis=-1) / xp.sqrt(
-        (xp.sum(a * a, axis=-1) + 1e-12) * (xp.sum(b * b, axis=-1) + 1e-12)
-    )
-    return xp.mean(xp.where(t == 1, 1 - cos, xp.where(t == -1, xp.maximum(cos - margin, 0), 0)))
-
-
-VALUES: dict[str, Callable[..., Any]] = {
-    "mse_loss": _v_mse,
-    "l1_loss": _v_l1,
-    "smooth_l1_loss": _v_smooth_l1,
-    "huber_loss": _v_huber,
-    "binary_cross_entropy": _v_bce,
-    "binary_cross_entropy_with_logits": _v_bce_logits,
-    "multilabel_soft_margin_loss": _v_multilabel,
-    "cross_entropy": _v_cross_entropy,
-    "nll_loss": _v_nll,
-    "cosine_similarity": _v_cosine_similarity,
-    "cosine_embedding_loss": _v_cosine_embedding,
-}
-
-
-# Plain NumPy value and gradient, as a NumPy user would write them (reduction "mean").
-def _np_mse(x, y):
-    d = x - y
-    return np.mean(d * d), ((2.0 / d.size) * d,)
-
-
-def _np_l1(x, y):
-    d = x - y
-    return np.mean(np.abs(d)), (np.sign(d) / d.size,)
-
-
-def _np_smooth_l1(x, y, beta=1.0):
-    d = x - y
-    a = np.abs(d)
-    inside = a < beta
-    value = np.mean(np.where(inside, 0.5 * d * d / beta, a - 0.5 * beta))
-    return value, (np.where(inside, d / beta, np.sign(d)) / d.size,)
-
-
-def _np_huber(x, y, delta=1.0):
-    d = x - y
-    a = np.abs(d)
-    inside = a < delta
-    value = np.mean(np.where(inside, 0.5 * d * d, delta * (a - 0.5 * delta)))
-    return value, (np.where(inside, d, delta * np.sign(d)) / d.size,)
-
-
-def _np_bce(x, y):
-    with np.errstate(divide="ignore"):
-        value = _v_bce(np, x, y)
-    g = (x - y) / np.maximum(x * (1 - x), 1e-12) / x.size
-    return value, (g,)
-
-
-def _sigmoid(x):
-    return 0.5 * (np.tanh(0.5 * x) + 1)
-
-
-def _np_bce_logits(x, y):
-    return _v_bce_logits(np, x, y), ((_sigmoid(x) - y) / x.size,)
-
-
-def _np_multilabel(x, y):
-    return _v_multilabel(np, x, y), ((_sigmoid(x) - y) / x.size,)
-
-
-def _np_cross_entropy(z, t):
-    m = np.max(z, axis=1, keepdims=True)
-    e = np.exp(z - m)
-    s = np.sum(e, axis=1, keepdims=True)
-    rows = np.arange(z.shape[0])
-    value = np.mean(m[:, 0] + np.log(s[:, 0]) - z[rows, t])
-    g = e / s
-    g[rows, t] -= 1
-    g /= z.shape[0]
-    return value, (g,)
-
-
-def _np_nll(x, t):
-    rows = np.arange(x.shape[0])
-    g = np.zeros_like(x)
-    g[rows, t] = -1.0 / x.shape[0]
-    return -np.mean(x[rows, t]), (g,)
-
-
-def _np_cosine_similarity(a, b, dim=1, eps=1e-8):
-    n1 = np.maximum(np.sqrt(np.sum(a * a, axis=1)), eps)[:, None]
-    n2 = np.maximum(np.sqrt(np.sum(b * b, axis=1)), eps)[:, None]
-    cos = np.sum(a * b, axis=1)[:, None] / (n1 * n2)
-    # d cos / d a = b / (n1 n2) - cos a / n1^2 where the norm is above eps (else b / (eps n2)).
-    g1 = b / (n1 * n2) - np.where(n1 > eps, cos * a / (n1 * n1), 0)
-    g2 = a / (n1 * n2) - np.where(n2 > eps, cos * b / (n2 * n2), 0)
-    return cos[:, 0], (g1, g2)
-
-
-def _np_cosine_embedding(a, b, t, margin=0.0):
-    s1 = np.sum(a * a, axis=1) + 1e-12
-    s2 = np.sum(b * b, axis=1) + 1e-12
-    root = np.sqrt(s1 * s2)
-    cos = np.sum(a * b, axis=1) / root
-    value = np.mean(np.where(t == 1, 1 - cos, np.where(t == -1, np.maximum(cos - margin, 0), 0)))
-    dcos = np.where(t == 1, -1.0, np.where((t == -1) & (cos > margin), 1.0, 0.0)) / a.shape[0]
-    dcos, cos, root = dcos[:, None], cos[:, None], root[:, None]
-    g1 = dcos * (b / root - cos * a / s1[:, None])
-    g2 = dcos * (a / root - cos * b / s2[:, None])
-    return value, (g1.astype(a.dtype), g2.astype(b.dtype))
-
-
-NUMPY_VALUE_AND_GRAD: dict[str, Callable[..., Any]] = {
-    "mse_loss": _np_mse,
-    "l1_loss": _np_l1,
-    "smooth_l1_loss": _np_smooth_l1,
-    "huber_loss": _np_huber,
-    "binary_cross_entropy": _np_bce,
-    "binary_cross_entropy_with_logits": _np_bce_logits,
-    "multilabel_soft_margin_loss": _np_multilabel,
-    "cross_entropy": _np_cross_entropy,
-    "nll_loss": _np_nll,
-    "cosine_similarity": _np_cosine_similarity,
-    "cosine_embedding_loss": _np_cosine_embedding,
-}
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -673,9 +457,9 @@ def format_table(report: dict[str, Any]) -> str:
     """The side-by-side table of a report made by :func:`run`."""
     m = report["machine"]
     lines = [
-        f"lossforge {m['lossforge']} value_and_grad (out=), {report['dtype']}, reduction "
-        f"'mean'; numba {m['numba']}, numpy {m['numpy']}, torch {m['torch'] or '-'}, "
-        f"jax {m['jax'] or '-'}; {m['cpu_count']} CPUs",
+        f"lossforge {m['lossforge']} value_and_grad (out=), {report['dtype']}, default "
+        f"options; numba {m['numba']}, numpy {m['numpy']}, torch {m['torch'] or '-'}; "
+        f"{m['cpu_count']} CPUs",
         "bandwidth floor (Numba triad a = b + s*c, 3 x 80 MB): "
         + ", ".join(
             f"{t} thread{'s' if int(t) > 1 else ''} {f['gbps']:.1f} GB/s"
@@ -683,7 +467,7 @@ def format_table(report: dict[str, Any]) -> str:
         ),
         "",
     ]
-    header = ["loss", "shape", "thr", "lossforge", "GB/s", "floor", "numpy", "torch", "jax"]
+    header = ["loss", "shape", "thr", "lossforge", "GB/s", "floor", *PEERS]
     rows = [header]
     for r in report["results"]:
         cells = [
@@ -703,7 +487,7 @@ def format_table(report: dict[str, Any]) -> str:
                 cells.append(f"{_time(p['median_s'])} {p['ratio']:.1f}x{flag}")
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    right = set(range(2, len(header)))
     for row in rows:
         lines.append(
             "  ".join(
@@ -717,8 +501,7 @@ def format_table(report: dict[str, Any]) -> str:
         "written once) / lossforge's time;",
         "floor: that as a share of the triad's bandwidth at the same thread count (> 100%: "
         "the arrays fit in cache). Nx: the peer's time / lossforge's",
-        "(> 1: lossforge is faster). numpy runs on one thread; torch at the row's thread "
-        "count; jax on XLA's own pool. '!': the peer's result",
-        "disagrees with lossforge's (see stderr).",
+        "(> 1: lossforge is faster); torch runs at the row's thread count. '!': the peer's "
+        "result disagrees with lossforge's (see stderr).",
     ]
     return "\n".join(lines)

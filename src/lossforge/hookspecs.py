@@ -39,8 +39,17 @@ class LossSpec:
         normalises the arguments (see ``lossforge.validate``). ``options`` holds every option.
     reference: optional float64 NumPy reference, ``reference(*arrays, **options)``, returning
         the per-element loss (``reduction="none"``) as an array; the conformance kit uses it.
-    example: optional ``example(rng, size, dtype) -> (arrays, options)``: valid inputs of
-        about ``size`` elements, for the conformance kit and benchmarks.
+    example: optional ``example(rng, size, dtype, **variant) -> (arrays, options)``: valid
+        inputs of about ``size`` elements. The conformance kit calls it without a variant and
+        uses the options too (non-default ones exercise more paths). Benchmarks
+        (``python -m lossforge bench``, ``asv_bench/``) and ``lossforge.warmup`` use its
+        arrays with every option at its default, the path most calls take: the arrays must
+        be valid with the defaults as well.
+    example_variants: optional keyword sets for ``example`` that benchmarks and warmup
+        cover, one each: input kinds that compile different kernels or run at different
+        speeds, e.g. ``({"classes": 10}, {"classes": 1000})`` for rows of few and of many
+        classes. The keywords are the plugin's own. Empty (the default): the plain call
+        ``example(rng, size, dtype)``.
     doc: the docstring of the functional form.
     """
 
@@ -53,6 +62,7 @@ class LossSpec:
     reference: Callable[..., Any] | None = None
     example: Callable[..., Any] | None = None
     doc: str = ""
+    example_variants: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,17 @@ cached on disk (``cache=True``), so that later processes load it in milliseconds
 one combination of argument types: dtype, serial or parallel (inputs below or above a
 kernel's ``parallel_min`` elements, ``lossforge.runtime.cpu.PARALLEL_MIN`` by default), and
 which outputs are wanted (the value alone, or the value and the gradient). :func:`warmup`
-calls each loss once per variant on inputs from :mod:`lossforge.inputs`, which compiles the
-kernel, or loads it from the cache if it is there already, and fills the cache for the next
-process: run it once after installing (a Docker image build step, a job's setup) so that no
-training step pays for compilation.
+calls each loss once per variant on the arrays of its own ``LossSpec.example`` (through
+:func:`lossforge.inputs.draw`), which compiles the kernel, or loads it from the cache if it
+is there already, and fills the cache for the next process: run it once after installing (a
+Docker image build step, a job's setup) so that no training step pays for compilation.
 
-It covers the losses' default options (``reduction="mean"``, no weights, class-index targets),
-and for ``cross_entropy`` each of its kernels by class count (``CLASS_COUNTS``);
-``reductions=("mean", "none")`` adds the per-element-value variants. Other combinations
-(weights, probability targets, a ``grad_output`` array) are further variants, compiled on
-their first use.
+It covers the losses' default options (and ``reduction="mean"``; no weights), on each of the
+input kinds a loss declares in ``LossSpec.example_variants`` (e.g. ``cross_entropy``'s rows
+of few classes, of up to 256 and of more: a kernel each); a loss that declares no
+``example`` is skipped, with a line to ``progress``. ``reductions=("mean", "none")`` adds the
+per-element-value variants. Other combinations (weights, probability targets, a
+``grad_output`` array) are further variants, compiled on their first use.
 
 Where the cache lives
 ---------------------
@@ -43,11 +44,6 @@ from dataclasses import dataclass
 SERIAL_SIZE = 1024
 PARALLEL_SIZE = 1 << 18
 
-#: Row widths warmed for losses whose kernel depends on them (others: the default width of
-#: ``lossforge.inputs``). cross_entropy has three: rows of few classes transposed, rows of up
-#: to 256 classes, longer rows.
-CLASS_COUNTS = {"cross_entropy": (10, 100, 1000)}
-
 
 @dataclass(frozen=True)
 class Warmed:
@@ -55,7 +51,9 @@ class Warmed:
 
     loss: str
     dtype: str
-    variant: str  # "serial" or "parallel", then " (N classes)" where CLASS_COUNTS has N
+    # "serial" or "parallel", then the example's variant if the loss declares some:
+    # "serial (classes=10)"
+    variant: str
     # "value", "value_and_grad", "value_and_grad (defaults)" (no option named: the fast
     # path of KernelSpec.fast), "value (none)", "value_and_grad (none)"
     call: str
@@ -78,8 +76,8 @@ def warmup(
     ``"sum"`` too: one kernel). Returns what was run, with the seconds each took (a few
     milliseconds when it came from the cache); ``progress`` gets a line for each.
 
-    A registered loss that :mod:`lossforge.inputs` has no factory for (a third-party plugin's)
-    is skipped, with a line to ``progress``. An unknown name raises ``KeyError``.
+    A loss without a ``LossSpec.example``, or whose ``example`` fails, is skipped with a line
+    to ``progress``. An unknown name raises ``KeyError``.
     """
     import numpy as np
 
@@ -92,46 +90,39 @@ def warmup(
     done: list[Warmed] = []
     rng = np.random.default_rng(0)
     for name in names:
-        if name not in inputs.KNOWN:
-            if progress is not None:
-                progress(f"{name}: no input factory in lossforge.inputs, skipped")
-            continue
         loss = lf.get(name)
-        sizes = []
-        for variant, size in (("serial", SERIAL_SIZE), ("parallel", PARALLEL_SIZE)):
-            if name in CLASS_COUNTS:
-                sizes += [
-                    (f"{variant} ({c} classes)", (max(1, size // c), c)) for c in CLASS_COUNTS[name]
-                ]
-            else:
-                sizes.append((variant, size))
+        if not inputs.variants(loss):
+            if progress is not None:
+                progress(f"{name}: no LossSpec.example, skipped")
+            continue
+        sizes = [
+            (f"{kind} ({inputs.label(v)})" if v else kind, size, v)
+            for kind, size in (("serial", SERIAL_SIZE), ("parallel", PARALLEL_SIZE))
+            for v in inputs.variants(loss)
+        ]
         for dtype in dtypes:
             dtype = np.dtype(dtype).name
-            for variant, size in sizes:
-                arrays, options = inputs.make_inputs(name, size, dtype, rng)
-                for reduction in reductions:
-                    opts = dict(options)
-                    suffix = ""
-                    if loss.reduced:
-                        opts["reduction"] = reduction
-                        suffix = "" if reduction in ("mean", "sum") else f" ({reduction})"
-                    elif reduction != reductions[0]:
-                        continue  # not reduced (cosine_similarity): one set of variants
-                    calls = ["value", "value_and_grad"]
-                    if loss.reduced and not suffix:  # defaults: the kernel's fast path, if any
-                        calls.append("value_and_grad (defaults)")
-                    for call in calls:
-                        start = time.perf_counter()
-                        if call == "value":
-                            loss(*arrays, **opts)
-                        elif call == "value_and_grad":
-                            loss.value_and_grad(*arrays, **opts)
-                        else:
-                            loss.value_and_grad(*arrays, **options)
-                        item = Warmed(
-                            name, dtype, variant, call + suffix, time.perf_counter() - start
-                        )
-                        done.append(item)
-                        if progress is not None:
-                            progress(str(item))
+            for variant, size, keywords in sizes:
+                try:
+                    arrays = inputs.draw(loss, size, dtype, rng, keywords)
+                except Exception as exc:  # a third party's example
+                    if progress is not None:
+                        progress(f"{name} {dtype} {variant}: example failed: {exc!r}, skipped")
+                    continue
+                calls = []
+                for reduction in reductions if loss.reduced else reductions[:1]:
+                    opts = {"reduction": reduction} if loss.reduced else {}
+                    plain = not loss.reduced or reduction in ("mean", "sum")
+                    suffix = "" if plain else f" ({reduction})"
+                    calls.append(("value" + suffix, loss, opts))
+                    calls.append(("value_and_grad" + suffix, loss.value_and_grad, opts))
+                if loss.reduced:  # no option named: the kernel's fast path (KernelSpec.fast)
+                    calls.append(("value_and_grad (defaults)", loss.value_and_grad, {}))
+                for call, function, opts in calls:
+                    start = time.perf_counter()
+                    function(*arrays, **opts)
+                    item = Warmed(name, dtype, variant, call, time.perf_counter() - start)
+                    done.append(item)
+                    if progress is not None:
+                        progress(str(item))
     return done
