@@ -105,9 +105,10 @@ class _ThirdParty:
 
     @lf.hookimpl
     def lossforge_kernels(self):
-        yield lf.KernelSpec(
-            "third_party_loss", "cpu", "lossforge.plugins.regression.cpu:regression"
-        )
+        from lossforge.plugins.regression import KERNELS
+
+        kernel, _ = KERNELS["mse_loss"]
+        yield lf.KernelSpec("third_party_loss", "cpu", kernel.cpu)
 
 
 @pytest.fixture

@@ -194,7 +194,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         if not 1 <= t <= most:
             raise ValueError(f"--threads must be in [1, {most}] (NUMBA_NUM_THREADS), got {t}")
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    cases = []
+    cases: list[Any] = []
     for name in names:
         declared = inputs.variants(lf.get(name))
         if not declared:
@@ -341,7 +341,7 @@ def run(plan: dict[str, Any], progress: Callable[[str], None] = _stderr) -> dict
                     "torch": None,
                 }
                 row["floor_fraction"] = row["gbps"] / report["floor"][str(t)]["gbps"]
-                if peer is not None:
+                if peer is not None and torch is not None and check is not None:
                     progress(f"  {t} thread(s): torch ...")
                     torch.set_num_threads(t)
                     theirs = measure(peer, **timing)

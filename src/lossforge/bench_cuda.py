@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import lossforge as lf
 
-    torch = None
+    torch: Any = None
     if not args.no_torch:
         try:
             import torch as _torch
@@ -201,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = _median_ms(run, cuda.event, args.repeat)
         gbs = case.moved / ms / 1e6
         torch_ms = speedup = "-"
-        if torch is not None:
-            runner = _torch_runner(case, torch)
+        runner = _torch_runner(case, torch) if torch is not None else None
+        if runner is not None:
 
             def torch_event() -> Any:
                 return torch.cuda.Event(enable_timing=True)

@@ -185,7 +185,7 @@ class Elementwise:
             if loss_out is not None:
                 loss_out[...] = np.nan
             return float("nan") if rows else 0.0
-        elements = None if loss_out is None else np.empty(x.size, x.dtype)
+        elements: Any = None if loss_out is None else np.empty(x.size, x.dtype)
         go = None
         if grads and grad_output is not None:
             go = np.repeat(grad_output.ravel(), classes)

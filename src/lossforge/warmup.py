@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 #: Elements of the small (serial) inputs, and of the large (parallel) ones: above every
 #: built-in kernel's ``parallel_min`` (nll_loss's is the highest, 131072).
@@ -109,7 +110,7 @@ def warmup(
                     if progress is not None:
                         progress(f"{name} {dtype} {variant}: example failed: {exc!r}, skipped")
                     continue
-                calls = []
+                calls: list[tuple[str, Callable[..., Any], dict[str, str]]] = []
                 for reduction in reductions if loss.reduced else reductions[:1]:
                     opts = {"reduction": reduction} if loss.reduced else {}
                     plain = not loss.reduced or reduction in ("mean", "sum")
