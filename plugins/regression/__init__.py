@@ -50,8 +50,8 @@ def smooth_l1(x, y, a, p):
     ad = abs(d)
     loss = 0.5 * d * d * inverse if ad < beta else ad - 0.5 * beta
     g = d * inverse if beta > 0 else 0.0
-    g = 1.0 if d >= beta and d > 0 else g
-    g = -1.0 if d <= -beta and d < 0 else g
+    g = 1.0 if (d >= beta) & (d > 0) else g  # & not and: no branch, the loop vectorizes
+    g = -1.0 if (d <= -beta) & (d < 0) else g
     return loss, g
 
 
