@@ -56,7 +56,12 @@ def _prepare(name, arrays, options, backend):
     value_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
     return Prepared(
         arrays=(z, t, weight),
-        params=(moved, probabilities, ignore_index, smoothing),
+        params={
+            "moved": moved,
+            "probabilities": probabilities,
+            "ignore_index": ignore_index,
+            "label_smoothing": smoothing,
+        },
         reduction=options["reduction"],
         denominator=denominator,
         value_shape=value_shape,

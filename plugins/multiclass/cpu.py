@@ -400,7 +400,7 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
     """Runs a row kernel on ``p.arrays = (rows of logits, targets, weight)`` and moves the
     gradient back to the input's layout when the rows are a moved copy (K-dimensional)."""
     z, t, w = p.arrays
-    moved = p.params[0]
+    moved = p.params["moved"]
     rows_grad = grads[0] if grads else None
     if moved is not None and rows_grad is not None:
         rows_grad = np.empty_like(z)
@@ -424,7 +424,8 @@ def _run(kernel, p, loss_out, grads, grad_output, scale, *options):
 
 
 def cross_entropy(p, loss_out, grads, grad_output, scale):
-    _, probabilities, ignore_index, smoothing = p.params
+    probabilities = p.params["probabilities"]
+    ignore_index, smoothing = p.params["ignore_index"], p.params["label_smoothing"]
     z = p.arrays[0]
     long = long_rows_for(z.shape[1])
     if probabilities:
@@ -440,7 +441,7 @@ def cross_entropy(p, loss_out, grads, grad_output, scale):
 
 
 def nll_loss(p, loss_out, grads, grad_output, scale):
-    return _run(_nll, p, loss_out, grads, grad_output, scale, p.params[2])
+    return _run(_nll, p, loss_out, grads, grad_output, scale, p.params["ignore_index"])
 
 
 _F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)

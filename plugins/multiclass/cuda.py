@@ -232,7 +232,7 @@ def _run(p, loss_out, grads, launch):
     logits, targets, weight)`` and moves the gradient back to the input's layout when the
     rows are a moved copy (K-dimensional input)."""
     z, t, w = p.arrays
-    moved = p.params[0]
+    moved = p.params["moved"]
     dtype = p.dtype
     grad = grads[0] if grads else None
     rows_grad = None
@@ -259,7 +259,8 @@ def _upstream(grads, grad_output, dtype):
 def cross_entropy(p, loss_out, grads, grad_output, scale):
     z = p.arrays[0]
     rows, classes = z.shape
-    _, probabilities, ignore_index, smoothing = p.params
+    probabilities = p.params["probabilities"]
+    ignore_index, smoothing = p.params["ignore_index"], p.params["label_smoothing"]
     if rows == 0:
         return 0.0
     lanes, blocks = rt.rows_config(rows, classes)
@@ -303,7 +304,7 @@ def nll_loss(p, loss_out, grads, grad_output, scale):
 
     def launch(x, t, w, loss, grad):
         _nll[blocks, THREADS, rt.stream()](
-            x, t, w, classes, p.params[2], loss, grad, go, float(scale), lanes, scratch
+            x, t, w, classes, p.params["ignore_index"], loss, grad, go, float(scale), lanes, scratch
         )
         return scratch
 

@@ -10,12 +10,10 @@ broadcasts with a warning; lossforge refuses with ``ValueError``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from lossforge import LossSpec, Prepared, hookimpl, validate
-from lossforge.kernels import Elementwise
+from lossforge import LossSpec, hookimpl, validate
+from lossforge.kernels import Elementwise, prepare
 
 #: The default ``beta`` of smooth_l1_loss and ``delta`` of huber_loss.
 DEFAULT_BETA = DEFAULT_DELTA = 1.0
@@ -77,43 +75,25 @@ KERNELS = {
 }
 
 
-def _prepare(params, weighted_mean, arrays, options, backend):
-    (x, y), w, dtype, dtypes, shape = validate.elementwise(
-        arrays, ("input", "target"), options.get("weight"), backend
-    )
-    n = math.prod(shape)
-    return Prepared(
-        arrays=(x, y, w, None),
-        params=params,
-        reduction=options["reduction"],
-        denominator=validate.total(w, backend) if weighted_mean and w.size else float(n),
-        value_shape=shape,
-        grad_shapes=(shape,),
-        dtype=dtype,
-        result_dtypes=dtypes[:2],
-        backend=backend,
-    )
-
-
 def _prepare_mse(arrays, options, backend):
-    return _prepare({}, True, arrays, options, backend)
+    return prepare(arrays, options, backend, weighted_mean=True)
 
 
 def _prepare_l1(arrays, options, backend):
-    return _prepare({}, True, arrays, options, backend)
+    return prepare(arrays, options, backend, weighted_mean=True)
 
 
 def _prepare_smooth_l1(arrays, options, backend):
     beta = validate.check_nonnegative("beta", options["beta"])
     params = {"beta": beta, "inverse": 1.0 / beta if beta > 0 else 0.0}
-    return _prepare(params, False, arrays, options, backend)
+    return prepare(arrays, options, backend, params=params)
 
 
 def _prepare_huber(arrays, options, backend):
     delta = validate.check_nonnegative("delta", options["delta"])
     if delta == 0:
         raise ValueError("delta must be positive (huber_loss is undefined for delta = 0), got 0.0")
-    return _prepare({"delta": delta}, False, arrays, options, backend)
+    return prepare(arrays, options, backend, params={"delta": delta})
 
 
 # float64 references for the conformance kit: per-element losses.

@@ -25,7 +25,7 @@ def _prepare_cosine_similarity(arrays, options, backend):
     if ndim == 0 and dim in (-1, 0):  # PyTorch treats a 0-d input as one element along dim
         return Prepared(
             arrays=(x1.reshape(1, 1), x2.reshape(1, 1)),
-            params=(eps, None, 0),
+            params={"eps": eps, "moved": None, "dim": 0},
             reduction=None,
             denominator=1.0,
             value_shape=(),
@@ -52,7 +52,7 @@ def _prepare_cosine_similarity(arrays, options, backend):
         x2 = validate.as_float("x2", x2, dtype, backend).reshape(-1, size)
     return Prepared(
         arrays=(x1, x2),
-        params=(eps, moved, dim),
+        params={"eps": eps, "moved": moved, "dim": dim},
         reduction=None,
         denominator=1.0,
         value_shape=shape[:dim] + shape[dim + 1 :],
@@ -83,7 +83,7 @@ def _prepare_cosine_embedding(arrays, options, backend):
             x2.reshape(rows, shape[-1]),
             validate.as_float("target", t, np.dtype(np.float64), backend).reshape(-1),
         ),
-        params=(margin,),
+        params={"margin": margin},
         reduction=options["reduction"],
         denominator=float(rows),
         value_shape=shape[:-1],

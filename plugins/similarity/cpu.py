@@ -133,10 +133,10 @@ def _cosine_embedding(x1, x2, t, margin, loss_out, g1_out, g2_out, go, scale):
 
 
 def cosine_similarity(p, loss_out, grads, grad_output, scale):
-    """``p.params = (eps, moved, dim)``: ``moved`` is the input's shape with ``dim`` moved
+    """``p.params``: ``eps``, ``moved``, ``dim``: ``moved`` is the input's shape with ``dim`` moved
     last when the rows are such a moved copy, else None."""
     x1, x2 = p.arrays
-    eps, moved, dim = p.params
+    eps, moved, dim = p.params["eps"], p.params["moved"], p.params["dim"]
     g1 = g2 = None
     if grads:
         if moved is None:
@@ -169,7 +169,7 @@ def cosine_embedding_loss(p, loss_out, grads, grad_output, scale):
         x1,
         x2,
         t,
-        p.params[0],
+        p.params["margin"],
         None if loss_out is None else loss_out.reshape(-1),
         g1,
         g2,

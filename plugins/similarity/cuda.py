@@ -125,10 +125,10 @@ def _cosine_embedding(
 
 
 def cosine_similarity(p, loss_out, grads, grad_output, scale):
-    """``p.params = (eps, moved, dim)``: ``moved`` is the input's shape with ``dim`` moved
+    """``p.params``: ``eps``, ``moved``, ``dim``: ``moved`` is the input's shape with ``dim`` moved
     last when the rows are such a moved copy, else None."""
     x1, x2 = p.arrays
-    eps, moved, dim = p.params
+    eps, moved, dim = p.params["eps"], p.params["moved"], p.params["dim"]
     rows, size = x1.shape
     if rows == 0:
         return 0.0
@@ -172,7 +172,7 @@ def cosine_embedding_loss(p, loss_out, grads, grad_output, scale):
         t,
         rows,
         size,
-        float(p.params[0]),
+        float(p.params["margin"]),
         rt.flat(loss_out, dtype),
         rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
         rt.flat(grads[1], dtype) if grads else rt.nothing(dtype),

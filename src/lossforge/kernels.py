@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import math
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -49,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from lossforge import validate
 from lossforge.hookspecs import KernelSpec
+from lossforge.validate import Prepared
 
 Formula = Callable[..., Any]
 
@@ -314,18 +317,57 @@ class Elementwise:
 
     # -- registration --------------------------------------------------------------------
     def specs(
-        self, loss: str, defaults: tuple[float, ...] = (), rows: bool = False
+        self,
+        loss: str,
+        defaults: tuple[float, ...] = (),
+        *,
+        rows: bool = False,
+        reduction: str = "mean",
     ) -> Iterator[KernelSpec]:
-        """The CPU (with its fast lane, ``defaults`` being the parameters of the default
-        options) and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``;
-        ``rows``: the row-mean form (each row's value the mean of its elements' losses)."""
+        """The CPU and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``.
+        The CPU one comes with the fast lane of ``value_and_grad`` with every option at its
+        default: ``defaults`` are the formula's parameters then, ``reduction`` the loss's
+        default reduction (the lane serves ``"mean"`` only). ``rows``: the row-mean form
+        (each row's value the mean of its elements' losses)."""
         cpu, fast, cuda = (
             (self.cpu_rows, self.fast_rows, self.cuda_rows)
             if rows
             else (self.cpu, self.fast, self.cuda)
         )
-        yield KernelSpec(loss, "cpu", cpu, fast=functools.partial(fast, params=defaults))
+        lane = functools.partial(fast, params=defaults) if reduction == "mean" else None
+        yield KernelSpec(loss, "cpu", cpu, fast=lane)
         yield KernelSpec(loss, "cuda", cuda)
+
+
+def prepare(
+    arrays: tuple[Any, ...],
+    options: dict[str, Any],
+    backend: str,
+    *,
+    names: tuple[str, str] = ("input", "target"),
+    params: dict[str, float] | None = None,
+    weighted_mean: bool = False,
+) -> Prepared:
+    """The ``Prepared`` an ``Elementwise`` kernel takes, for a loss of two same-shaped float
+    arrays (called ``names`` in error messages) with an optional ``"weight"`` option of their
+    shape: checked and normalised by ``validate.elementwise``. ``params``: the formula's
+    parameters by name, already validated; ``weighted_mean``: ``"mean"`` divides by the summed
+    weights (PyTorch's ``mse_loss``/``l1_loss``), else by the element count."""
+    (x, y), w, dtype, dtypes, shape = validate.elementwise(
+        arrays, names, options.get("weight"), backend
+    )
+    weighted = weighted_mean and w.size
+    return Prepared(
+        arrays=(x, y, w, None),
+        params=params or {},
+        reduction=options.get("reduction"),
+        denominator=validate.total(w, backend) if weighted else float(math.prod(shape)),
+        value_shape=shape,
+        grad_shapes=(shape,),
+        dtype=dtype,
+        result_dtypes=dtypes[:2],
+        backend=backend,
+    )
 
 
 def _kernel_name(formula: Formula, template: str) -> str:

@@ -8,7 +8,7 @@ are never written to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,9 @@ class Prepared:
     """Validated, normalised arguments of one loss call, as the kernels receive them.
 
     arrays: the normalised arrays, in the order the family's kernels expect.
-    params: plain floats and ints for the kernel (no ``None``: keeps compiled signatures few).
+    params: the kernel's parameters by name (``{"delta": 1.0}``): plain floats and ints, so
+        that compiled signatures stay few; a formula-made kernel (``lossforge.kernels``)
+        takes them as a float tuple in this order.
     reduction: ``"none" | "mean" | "sum"``, or ``None`` for a loss that is not reduced.
     denominator: what ``"mean"`` divides by (element count, or summed weights).
     value_shape: the shape of the unreduced value.
@@ -37,7 +39,7 @@ class Prepared:
     """
 
     arrays: tuple[Any, ...]
-    params: tuple[Any, ...]
+    params: Mapping[str, Any]
     reduction: str | None
     denominator: float
     value_shape: tuple[int, ...]

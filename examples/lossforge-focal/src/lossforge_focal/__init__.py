@@ -6,44 +6,42 @@ third-party plugin, found by lossforge through its ``"lossforge"`` entry point a
 weighting when ``alpha < 0``). The default reduction is ``"none"``, as in torchvision.
 """
 
-from __future__ import annotations
-
-import math
-
 import numpy as np
 
 import lossforge
-from lossforge import KernelSpec, LossSpec, Prepared, validate
+from lossforge import LossSpec, validate
+from lossforge.kernels import Elementwise, prepare
+from lossforge.runtime import mathfn
+
+
+def focal(x, y, a, p):  # one element, in float64: (loss, d loss / d x)
+    alpha, gamma = p
+    e = mathfn.exp(-abs(x))
+    prob = 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+    ce = y * (mathfn.log1p(e) + max(-x, 0.0)) + (1.0 - y) * (mathfn.log1p(e) + max(x, 0.0))
+    q = 1.0 - (prob * y + (1.0 - prob) * (1.0 - y))  # 1 - p_t
+    weight = alpha * y + (1.0 - alpha) * (1.0 - y) if alpha >= 0 else 1.0
+    # d ce / dx = p - y; d (1 - p_t) / dx = -p (1 - p) (2y - 1)
+    d_mod = gamma * q ** (gamma - 1.0) * prob * (1.0 - prob) * (2.0 * y - 1.0) if gamma else 0.0
+    return weight * ce * q**gamma, weight * ((prob - y) * q**gamma - ce * d_mod)
+
+
+KERNEL = Elementwise(focal)
 
 
 def _prepare(arrays, options, backend):
-    (x, y), _, dtype, dtypes, shape = validate.elementwise(
-        arrays, ("inputs", "targets"), None, backend
-    )
     alpha = validate.check_real("alpha", options["alpha"])
     gamma = validate.check_nonnegative("gamma", options["gamma"])
-    return Prepared(
-        arrays=(x, y),
-        params=(alpha, gamma),
-        reduction=options["reduction"],
-        denominator=float(math.prod(shape)),
-        value_shape=shape,
-        grad_shapes=(shape,),
-        dtype=dtype,
-        result_dtypes=dtypes[:2],
-        backend=backend,
-    )
+    params = {"alpha": alpha, "gamma": gamma}
+    return prepare(arrays, options, backend, names=("inputs", "targets"), params=params)
 
 
 def _reference(inputs, targets, alpha=0.25, gamma=2.0, **_):
     x, y = np.asarray(inputs, np.float64), np.asarray(targets, np.float64)
     p = 1 / (1 + np.exp(-x))
     ce = np.logaddexp(0, -x) * y + np.logaddexp(0, x) * (1 - y)
-    p_t = p * y + (1 - p) * (1 - y)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
-    return loss
+    loss = ce * (1 - (p * y + (1 - p) * (1 - y))) ** gamma
+    return (alpha * y + (1 - alpha) * (1 - y)) * loss if alpha >= 0 else loss
 
 
 def _example(rng, size, dtype):
@@ -52,25 +50,21 @@ def _example(rng, size, dtype):
     return (x, (rng.random(shape) < 0.25).astype(dtype)), {"reduction": "mean"}
 
 
-SPEC = LossSpec(
-    name="sigmoid_focal_loss",
-    family="detection",
-    arguments=("inputs", "targets"),
-    differentiable=("inputs",),
-    options={"alpha": 0.25, "gamma": 2.0, "reduction": "none"},
-    prepare=_prepare,
-    reference=_reference,
-    example=_example,
-    doc=__doc__,
-)
-
-
 @lossforge.hookimpl
 def lossforge_losses():
-    yield SPEC
+    yield LossSpec(
+        name="sigmoid_focal_loss",
+        family="detection",
+        arguments=("inputs", "targets"),
+        differentiable=("inputs",),
+        options={"alpha": 0.25, "gamma": 2.0, "reduction": "none"},
+        prepare=_prepare,
+        reference=_reference,
+        example=_example,
+        doc=__doc__,
+    )
 
 
 @lossforge.hookimpl
 def lossforge_kernels():
-    yield KernelSpec("sigmoid_focal_loss", "cpu", "lossforge_focal.cpu:focal")
-    yield KernelSpec("sigmoid_focal_loss", "cuda", "lossforge_focal.cuda:focal")
+    yield from KERNEL.specs("sigmoid_focal_loss", (0.25, 2.0), reduction="none")
