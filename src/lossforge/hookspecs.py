@@ -42,6 +42,11 @@ class LossSpec:
     example: optional ``example(rng, size, dtype) -> (arrays, options)``: valid inputs of
         about ``size`` elements, for the conformance kit and benchmarks.
     doc: the docstring of the functional form.
+    option_sets: non-default options that the conformance kit checks besides the example's
+        own: each a mapping of options, or a callable ``(rng, arrays, dtype) -> mapping`` for
+        options that depend on the example's arrays (a weight of the input's shape). Its
+        entries update the example's options; one named after an argument replaces that
+        array. See ``lossforge.testing``.
     """
 
     name: str
@@ -53,6 +58,7 @@ class LossSpec:
     reference: Callable[..., Any] | None = None
     example: Callable[..., Any] | None = None
     doc: str = ""
+    option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
 
 
 @dataclass(frozen=True)
