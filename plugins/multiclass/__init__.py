@@ -187,6 +187,21 @@ def _example_cross_entropy(rng, size, dtype):
     return arrays, dict(options, label_smoothing=0.1)
 
 
+# option sets for the conformance kit
+def _ignore_class(rng, arrays, dtype):  # the example's ignored targets, ignored as class 3
+    return {"target": np.where(arrays[1] == IGNORE_INDEX, 3, arrays[1]), "ignore_index": 3}
+
+
+def _probabilities(rng, arrays, dtype):
+    p = rng.random(np.shape(arrays[0]))
+    return {"target": (p / p.sum(axis=1, keepdims=True)).astype(dtype)}
+
+
+def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_CLASSES (cpu.py)
+    (x, t), options = _example(rng, 40 * len(arrays[0]), dtype, classes=40)
+    return dict(options, input=x, target=t)
+
+
 SPECS = [
     LossSpec(
         name="cross_entropy",
@@ -202,6 +217,12 @@ SPECS = [
         prepare=_prepare_cross_entropy,
         reference=_ref_cross_entropy,
         example=_example_cross_entropy,
+        option_sets=(
+            {"weight": None, "label_smoothing": 0.0},
+            _ignore_class,
+            _probabilities,
+            _many_classes,
+        ),
         doc="""Cross entropy of logits: ``log_softmax`` then the negative log-likelihood.
 
     For a class-index target ``t`` with smoothing ``e`` and class weights ``w``:
@@ -222,6 +243,7 @@ SPECS = [
         prepare=_prepare_nll,
         reference=_ref_nll,
         example=_example,
+        option_sets=({"weight": None}, _ignore_class),
         doc="""Negative log-likelihood of log-probabilities: ``loss = -w_t input[t]``,
     0 where ``target == ignore_index``. Gradient: ``-w_t`` at the target class, 0 elsewhere.
 """
