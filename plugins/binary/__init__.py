@@ -219,6 +219,15 @@ def _example_multilabel(rng, size, dtype, classes=8):
     return (x, (rng.random(shape) < 0.3).astype(dtype)), {}
 
 
+# option sets for the conformance kit: a weight per element, and one per class (broadcast)
+def _weight(rng, arrays, dtype):
+    return {"weight": rng.uniform(0.5, 2.0, np.shape(arrays[0])).astype(dtype)}
+
+
+def _class_weight(rng, arrays, dtype):
+    return {"weight": rng.uniform(0.5, 2.0, np.shape(arrays[0])[-1:]).astype(dtype)}
+
+
 SPECS = [
     LossSpec(
         name="binary_cross_entropy",
@@ -229,6 +238,7 @@ SPECS = [
         prepare=_prepare_bce,
         reference=_ref_bce,
         example=_example_bce,
+        option_sets=({"weight": None}, _weight),
         doc=f"""Binary cross entropy of probabilities ``x`` in [0, 1]:
     ``loss = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100))``; gradient
     ``w (x - y) / max(x (1 - x), 1e-12)``, PyTorch's clamps, so 0 and 1 stay finite.
@@ -243,6 +253,7 @@ SPECS = [
         prepare=_prepare_bce_logits,
         reference=_ref_bce_logits,
         example=_example_logits,
+        option_sets=({"pos_weight": None}, _weight, _class_weight),
         doc=f"""Binary cross entropy of logits ``x``, through a stable log-sigmoid:
     ``loss = w (p y softplus(-x) + (1 - y) softplus(x))`` with ``p`` the ``pos_weight``
     broadcast along the last dimension (one per class); finite for logits of +-1e4.
@@ -259,6 +270,7 @@ SPECS = [
         reference=_ref_multilabel,
         example=_example_multilabel,
         example_variants=({"classes": 100},),
+        option_sets=(_class_weight,),
         doc="""Multi-label one-versus-all loss: a sigmoid on every output and the log loss,
     averaged over the C classes of each sample:
     ``loss_n = -(1/C) sum_c w_c (y log sigmoid(x) + (1 - y) log sigmoid(-x))``.

@@ -193,6 +193,21 @@ def _example_cross_entropy(rng, size, dtype, classes=10):
     return arrays, dict(options, label_smoothing=0.1)
 
 
+# option sets for the conformance kit
+def _ignore_class(rng, arrays, dtype):  # the example's ignored targets, ignored as class 3
+    return {"target": np.where(arrays[1] == IGNORE_INDEX, 3, arrays[1]), "ignore_index": 3}
+
+
+def _probabilities(rng, arrays, dtype):
+    p = rng.random(np.shape(arrays[0]))
+    return {"target": (p / p.sum(axis=1, keepdims=True)).astype(dtype)}
+
+
+def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_CLASSES (cpu.py)
+    (x, t), options = _example(rng, 40 * len(arrays[0]), dtype, classes=40)
+    return dict(options, input=x, target=t)
+
+
 SPECS = [
     LossSpec(
         name="cross_entropy",
@@ -210,6 +225,12 @@ SPECS = [
         example=_example_cross_entropy,
         # a kernel for few classes, one for rows up to 256, one for longer rows; a vocabulary
         example_variants=({"classes": 10}, {"classes": 100}, {"classes": 1000}, {"classes": 32000}),
+        option_sets=(
+            {"weight": None, "label_smoothing": 0.0},
+            _ignore_class,
+            _probabilities,
+            _many_classes,
+        ),
         doc="""Cross entropy of logits: ``log_softmax`` then the negative log-likelihood.
 
     For a class-index target ``t`` with smoothing ``e`` and class weights ``w``:
@@ -231,6 +252,7 @@ SPECS = [
         reference=_ref_nll,
         example=_example,
         example_variants=({"classes": 100},),
+        option_sets=({"weight": None}, _ignore_class),
         doc="""Negative log-likelihood of log-probabilities: ``loss = -w_t input[t]``,
     0 where ``target == ignore_index``. Gradient: ``-w_t`` at the target class, 0 elsewhere.
 """

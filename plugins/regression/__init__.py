@@ -126,6 +126,10 @@ def _example(rng, size, dtype):
     return (x, rng.standard_normal(shape).astype(dtype)), {}
 
 
+def _weight(rng, arrays, dtype):  # an option set for the conformance kit
+    return {"weight": rng.uniform(0.5, 2.0, np.shape(arrays[0])).astype(dtype)}
+
+
 SPECS = [
     LossSpec(
         name="mse_loss",
@@ -136,6 +140,7 @@ SPECS = [
         prepare=_prepare_mse,
         reference=_ref_mse,
         example=_example,
+        option_sets=(_weight,),
         doc=f"""Mean squared error: ``loss_i = weight_i * (input_i - target_i) ** 2``.
 
     ``"mean"`` divides the sum by the element count, or by ``sum(weight)`` when a weight is
@@ -156,6 +161,7 @@ SPECS = [
         prepare=_prepare_l1,
         reference=_ref_l1,
         example=_example,
+        option_sets=(_weight,),
         doc=f"""Mean absolute error: ``loss_i = weight_i * |input_i - target_i|``.
 
     ``"mean"`` divides by the element count, or by ``sum(weight)`` when a weight is given.
@@ -171,6 +177,7 @@ SPECS = [
         prepare=_prepare_smooth_l1,
         reference=_ref_smooth_l1,
         example=_example,
+        option_sets=({"beta": 0.5}, {"beta": 0.0}),
         doc=f"""Smooth L1: ``0.5 d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``,
     with ``d = input - target``; ``beta = 0`` is ``l1_loss``. ``beta`` must be >= 0.
 {_SHAPE}""",
@@ -184,6 +191,7 @@ SPECS = [
         prepare=_prepare_huber,
         reference=_ref_huber,
         example=_example,
+        option_sets=({"delta": 0.3}, _weight),
         doc=f"""Huber: ``0.5 d**2`` where ``|d| < delta``, else ``delta (|d| - 0.5 delta)``,
     times ``weight_i`` when given; ``delta`` must be > 0. Unlike ``mse_loss``, the weighted
     ``"mean"`` divides by the element count (PyTorch 2.13).

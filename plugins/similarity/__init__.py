@@ -128,6 +128,15 @@ def _example_embedding(rng, size, dtype, features=8):
     return (x1, x2, rng.choice([-1.0, 1.0], x1.shape[:-1]).astype(dtype)), {"margin": 0.1}
 
 
+def _zero_rows(rng, arrays, dtype):
+    """An option set for the conformance kit: ``eps`` clamping the norm of zero rows. Not of
+    rows of small norm: PyTorch's gradient, and so lossforge's, ignores the clamp there, and
+    differs from the derivative of the value that the kit compares it with."""
+    x1 = np.array(arrays[0], copy=True)
+    x1[::3] = 0
+    return {"eps": 0.5, "x1": x1}
+
+
 SPECS = [
     LossSpec(
         name="cosine_similarity",
@@ -139,6 +148,7 @@ SPECS = [
         reference=_ref_cosine_similarity,
         example=_example_similarity,
         example_variants=({"features": 128},),
+        option_sets=(_zero_rows, {"dim": 0}),
         doc="""Cosine similarity along ``dim`` (a similarity: not reduced, no ``reduction``):
     ``sum(x1 / max(|x1|, eps) * x2 / max(|x2|, eps))``, as PyTorch computes it.
     ``grad`` returns ``(d/dx1, d/dx2)``; ``grad_output`` has the value's shape.
@@ -158,6 +168,7 @@ SPECS = [
         reference=_ref_cosine_embedding,
         example=_example_embedding,
         example_variants=({"features": 128},),
+        option_sets=({"margin": 0.5}, {"margin": -0.5}),
         doc="""Cosine embedding loss: ``1 - cos`` where ``target == 1`` and
     ``max(0, cos - margin)`` where ``target == -1`` (other targets give 0, as in PyTorch),
     with ``cos = x1.x2 / sqrt((|x1|^2 + e)(|x2|^2 + e))``, ``e`` PyTorch's 1e-12 held in a float32.

@@ -51,6 +51,11 @@ class LossSpec:
         classes. The keywords are the plugin's own. Empty (the default): the plain call
         ``example(rng, size, dtype)``.
     doc: the docstring of the functional form.
+    option_sets: non-default options that the conformance kit checks besides the example's
+        own: each a mapping of options, or a callable ``(rng, arrays, dtype) -> mapping`` for
+        options that depend on the example's arrays (a weight of the input's shape). Its
+        entries update the example's options; one named after an argument replaces that
+        array. See ``lossforge.testing``.
     """
 
     name: str
@@ -63,6 +68,7 @@ class LossSpec:
     example: Callable[..., Any] | None = None
     doc: str = ""
     example_variants: tuple[Mapping[str, Any], ...] = ()
+    option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
 
 
 @dataclass(frozen=True)

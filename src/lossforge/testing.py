@@ -11,7 +11,8 @@ its own, in the spirit of scikit-learn's ``check_estimator``. For plugin authors
         check_loss(loss_name)
 
 A loss is checked on the inputs its ``LossSpec.example`` makes (or, without one, on two
-same-shaped float arrays named by its ``arguments``):
+same-shaped float arrays named by its ``arguments``), with the example's options and then
+with each of its option sets (``LossSpec.option_sets``, or ``check_loss(option_sets=...)``):
 
 - ``reference``: the value (``reduction="none"``) agrees with ``LossSpec.reference`` in
   float64, and in float32 to float32 rounding;
@@ -20,26 +21,35 @@ same-shaped float arrays named by its ``arguments``):
 - ``gradient``: every gradient agrees with central finite differences (float64);
 - ``grad_output``: gradients scale linearly with ``grad_output``;
 - ``unchanged``: no input is modified;
-- ``threads``: value and gradient are bitwise identical at 1 and 2 threads, on an input large
-  enough for the parallel kernel;
+- ``threads``: value and gradient are bitwise identical at 1 and 2 threads, in float64 with
+  ``"sum"`` on ``THREADS_SIZE`` elements (several reduction chunks, a partial last one, above
+  every built-in kernel's parallel threshold), and, with the example's own options, in
+  float32 (the ``KernelSpec.fast`` path where one applies);
 - ``bad_input``: an unknown reduction is a ``ValueError``, an integer input a ``TypeError``;
 - ``float16``: float16 inputs give float16 results;
-- ``cuda``: where the loss has a CUDA kernel and Numba's CUDA target (or its simulator,
-  ``NUMBA_ENABLE_CUDASIM=1``) is usable, CUDA results equal the CPU's.
+- ``cuda``: where the loss has a CUDA kernel, CUDA results equal the CPU's, on a GPU or under
+  Numba's simulator (``NUMBA_ENABLE_CUDASIM=1`` before numba is imported). A CUDA kernel
+  that cannot be checked (neither is usable) fails the kit unless ``require_cuda=False``.
 
-Each check raises ``AssertionError`` naming the loss and the check.
+The first five checks, ``threads`` and ``cuda`` run once per option set too. An option set
+is a mapping of options, or a callable ``(rng, arrays, dtype) -> mapping`` for options that
+depend on the example's arrays (a weight of the input's shape); its entries update the
+example's options, and an entry named after one of the loss's ``arguments`` replaces that
+array (cross_entropy's probability targets). ``{"weight": None}`` checks a default that the
+example overrides.
+
+Each check raises ``AssertionError`` naming the loss, the check and the option set.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 import lossforge
-from lossforge.runtime.cpu import PARALLEL_MIN, threads
+from lossforge.runtime.cpu import CHUNK, threads
 
 CHECKS = (
     "reference",
@@ -53,6 +63,21 @@ CHECKS = (
     "cuda",
 )
 
+#: The checks that run once more per option set.
+OPTION_CHECKS = (
+    "reference",
+    "reductions",
+    "gradient",
+    "grad_output",
+    "unchanged",
+    "threads",
+    "cuda",
+)
+
+#: Elements of the ``threads`` check: ten reduction chunks, the last one partial (an odd
+#: size), above the largest parallel threshold of the built-in kernels (nll_loss's 131072).
+THREADS_SIZE = 9 * CHUNK + 1001
+
 
 def parametrize_losses(names: Iterable[str] | None = None) -> Any:
     """``pytest.mark.parametrize("loss_name", ...)`` over the registered losses."""
@@ -61,27 +86,79 @@ def parametrize_losses(names: Iterable[str] | None = None) -> Any:
     return pytest.mark.parametrize("loss_name", list(names or lossforge.list_losses()))
 
 
-def check_loss(name: str, *, checks: Iterable[str] = CHECKS, seed: int = 0) -> list[str]:
-    """Run the conformance checks on loss ``name``; returns the checks that ran."""
-    loss = lossforge.get(name)
+def check_loss(
+    name: Any,
+    *,
+    checks: Iterable[str] = CHECKS,
+    seed: int = 0,
+    option_sets: Iterable[Any] | None = None,
+    require_cuda: bool = True,
+) -> list[str]:
+    """Run the conformance checks on loss ``name`` (a registered name, or a ``Loss`` such as
+    ``Registry.get`` returns); returns the checks that ran, ``"check [option set]"`` for the
+    runs with an option set.
+
+    ``option_sets``: the option sets to check (see the module docstring) instead of the
+    loss's ``LossSpec.option_sets``; ``()`` checks the example's options alone.
+    ``require_cuda``: with the default ``True``, a loss with a CUDA kernel fails the ``cuda``
+    check when neither a GPU nor Numba's simulator is usable; ``False`` skips it then.
+    """
+    loss = lossforge.get(name) if isinstance(name, str) else name
+    sets = tuple(loss.spec.option_sets if option_sets is None else option_sets)
     ran = []
     for check in checks:
-        function = _CHECKS[check]
-        try:
-            if function(loss, np.random.default_rng(seed)) is not False:
-                ran.append(check)
-        except AssertionError as exc:
-            raise AssertionError(f"check_loss({name!r}): {check}: {exc}") from exc
+        runs = [(check, None)]
+        if check in OPTION_CHECKS:
+            runs += [(f"{check} [{_describe(s)}]", s) for s in sets]
+        for label, option_set in runs:
+            try:
+                if check == "cuda" and "cuda" in loss.backends:
+                    problem = _cuda_problem()
+                    if problem and not require_cuda:
+                        break
+                    assert not problem, (
+                        f"the loss has a CUDA kernel that could not be checked: {problem} "
+                        "(check_loss(..., require_cuda=False) skips it)"
+                    )
+                if _CHECKS[check](loss, np.random.default_rng(seed), option_set) is not False:
+                    ran.append(label)
+            except AssertionError as exc:
+                raise AssertionError(f"check_loss({loss.name!r}): {label}: {exc}") from exc
+            except Exception as exc:  # a kernel or option set that raises fails the check too
+                raise AssertionError(f"check_loss({loss.name!r}): {label}: raised {exc!r}") from exc
     return ran
 
 
+def _describe(option_set: Any) -> str:
+    if callable(option_set):
+        return getattr(option_set, "__name__", repr(option_set))
+    return ", ".join(
+        f"{k}=array{np.shape(v)}" if isinstance(v, np.ndarray) else f"{k}={v!r}"
+        for k, v in option_set.items()
+    )
+
+
 # -- inputs --------------------------------------------------------------------------------
-def _example(loss: Any, rng: np.random.Generator, size: int, dtype: Any) -> tuple[tuple, dict]:
+def _example(
+    loss: Any, rng: np.random.Generator, size: int, dtype: Any, option_set: Any = None
+) -> tuple[tuple, dict]:
     if loss.spec.example is not None:
         arrays, options = loss.spec.example(rng, size, np.dtype(dtype))
-        return tuple(arrays), dict(options)
-    shape = (size // 8, 8) if size >= 8 else (size,)
-    return tuple(rng.standard_normal(shape).astype(dtype) for _ in loss.arguments), {}
+        arrays, options = tuple(arrays), dict(options)
+    else:
+        shape = (size // 8, 8) if size >= 8 else (size,)
+        arrays, options = (
+            tuple(rng.standard_normal(shape).astype(dtype) for _ in loss.arguments),
+            {},
+        )
+    if option_set is not None:
+        extra: Mapping[str, Any] = (
+            option_set(rng, arrays, np.dtype(dtype)) if callable(option_set) else option_set
+        )
+        options.update(extra)
+        # an entry named after an argument replaces that array
+        arrays = tuple(options.pop(a, x) for a, x in zip(loss.arguments, arrays))
+    return arrays, options
 
 
 def _copy(arrays: tuple) -> tuple:
@@ -116,11 +193,11 @@ def _unreduced(loss: Any, arrays: tuple, options: dict) -> Any:
 
 
 # -- the checks ----------------------------------------------------------------------------
-def _check_reference(loss: Any, rng: np.random.Generator) -> bool:
+def _check_reference(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
     if loss.spec.reference is None:
         return False
     for dtype, rtol in ((np.float64, 1e-10), (np.float32, 2e-5)):
-        arrays, options = _example(loss, rng, 64, dtype)
+        arrays, options = _example(loss, rng, 64, dtype, option_set)
         wide = tuple(a.astype(np.float64) if a.dtype == np.float32 else a for a in arrays)
         wide_options = {
             k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
@@ -131,10 +208,10 @@ def _check_reference(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _check_reductions(loss: Any, rng: np.random.Generator) -> bool:
+def _check_reductions(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
     if not loss.reduced:
         return False
-    arrays, options = _example(loss, rng, 64, np.float64)
+    arrays, options = _example(loss, rng, 64, np.float64, option_set)
     none = loss(*arrays, **dict(options, reduction="none"))
     total = loss(*arrays, **dict(options, reduction="sum"))
     _close(total, np.sum(none), 1e-12, "sum vs sum of none", atol=1e-12)
@@ -152,8 +229,9 @@ def _scalarised(loss: Any, options: dict, weights: Any) -> Callable[..., float]:
     return f
 
 
-def _check_gradient(loss: Any, rng: np.random.Generator) -> bool:
-    arrays, options = _example(loss, rng, 16, np.float64)
+def _check_gradient(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    # 48: several rows of classes (nll_loss's example ignores its first row)
+    arrays, options = _example(loss, rng, 48, np.float64, option_set)
     value = _unreduced(loss, arrays, options)
     go = rng.standard_normal(np.shape(value))
     kwargs = dict(options, reduction="none") if loss.reduced else dict(options)
@@ -176,8 +254,8 @@ def _check_gradient(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _check_grad_output(loss: Any, rng: np.random.Generator) -> bool:
-    arrays, options = _example(loss, rng, 32, np.float64)
+def _check_grad_output(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    arrays, options = _example(loss, rng, 32, np.float64, option_set)
     if loss.reduced:
         options = dict(options, reduction="sum")
         base = _grads(loss, arrays, **options)
@@ -191,8 +269,8 @@ def _check_grad_output(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _check_unchanged(loss: Any, rng: np.random.Generator) -> bool:
-    arrays, options = _example(loss, rng, 64, np.float32)
+def _check_unchanged(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    arrays, options = _example(loss, rng, 64, np.float32, option_set)
     before = _copy(arrays)
     option_arrays = {
         k: np.array(v, copy=True) for k, v in options.items() if isinstance(v, np.ndarray)
@@ -205,19 +283,31 @@ def _check_unchanged(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _check_threads(loss: Any, rng: np.random.Generator) -> bool:
-    arrays, options = _example(loss, rng, PARALLEL_MIN + 4096, np.float32)
-    results = []
-    for n in (1, 2):
-        with threads(n):
-            value, grad = loss.value_and_grad(*arrays, **options)
-        grads = grad if isinstance(grad, tuple) else (grad,)
-        results.append([np.asarray(value).tobytes()] + [g.tobytes() for g in grads])
-    assert results[0] == results[1], "results differ between 1 and 2 threads"
+def _check_threads(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    # float64 "sum": no rounding to the result dtype or division by the denominator to hide
+    # a difference; the float32 run with the example's own options takes the fast path
+    runs = [(np.float64, {"reduction": "sum"} if loss.reduced else {})]
+    if option_set is None:
+        runs.append((np.float32, {}))
+    for dtype, extra in runs:
+        arrays, options = _example(loss, rng, THREADS_SIZE, dtype, option_set)
+        options.update(extra)
+        results = []
+        for n in (1, 2):
+            with threads(n):
+                value, grad = loss.value_and_grad(*arrays, **options)
+            grads = grad if isinstance(grad, tuple) else (grad,)
+            results.append([np.asarray(value).tobytes()] + [g.tobytes() for g in grads])
+        names = ("value", *(f"gradient of {d}" for d in loss.differentiable))
+        differ = [w for w, a, b in zip(names, *results) if a != b]
+        assert not differ, (
+            f"{np.dtype(dtype)} {options.get('reduction', '')}: {', '.join(differ)} not "
+            "bitwise equal at 1 and 2 threads"
+        )
     return True
 
 
-def _check_bad_input(loss: Any, rng: np.random.Generator) -> bool:
+def _check_bad_input(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
     arrays, options = _example(loss, rng, 16, np.float64)
     if loss.reduced:
         try:
@@ -236,7 +326,7 @@ def _check_bad_input(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _check_float16(loss: Any, rng: np.random.Generator) -> bool:
+def _check_float16(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
     arrays, options = _example(loss, rng, 32, np.float16)
     value, grad = loss.value_and_grad(*arrays, **options)
     assert np.asarray(value).dtype == np.float16, f"value dtype {np.asarray(value).dtype}"
@@ -245,24 +335,30 @@ def _check_float16(loss: Any, rng: np.random.Generator) -> bool:
     return True
 
 
-def _cuda_usable() -> bool:
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return True
+def _cuda_problem() -> str | None:
+    """Why the CUDA kernels cannot be checked here, or None."""
     try:
         from numba import cuda
+    except Exception as exc:
+        return f"numba.cuda cannot be imported ({exc!r})"
+    if not cuda.is_available():  # true under the simulator
+        return (
+            "no usable GPU and Numba's CUDA simulator is off (NUMBA_ENABLE_CUDASIM=1 in the "
+            "environment before numba is imported turns it on)"
+        )
+    return None
 
-        return bool(cuda.is_available())
-    except Exception:
-        return False
 
-
-def _check_cuda(loss: Any, rng: np.random.Generator) -> bool:
-    if "cuda" not in loss.backends or not _cuda_usable():
+def _check_cuda(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    if "cuda" not in loss.backends:  # an unusable CUDA target is check_loss's business
         return False
     from numba import cuda
 
-    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
-        arrays, options = _example(loss, rng, 24, dtype)
+    # float64 alone with an option set: the simulator runs a Python thread per CUDA thread,
+    # and the float32 run with the example's options covers the float32 code
+    runs = [(np.float64, 1e-12), (np.float32, 1e-5)]
+    for dtype, rtol in runs[:1] if option_set is not None else runs:
+        arrays, options = _example(loss, rng, 24, dtype, option_set)
         value, grad = loss.value_and_grad(*arrays, **options)
         device = tuple(cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in arrays)
         d_value, d_grad = loss.value_and_grad(*device, **options)

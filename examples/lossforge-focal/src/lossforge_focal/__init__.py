@@ -61,6 +61,7 @@ def lossforge_losses():
         prepare=_prepare,
         reference=_reference,
         example=_example,
+        option_sets=({"alpha": -1.0}, {"alpha": 0.8, "gamma": 1.5}, {"gamma": 0.0}),
         doc=__doc__,
     )
 
