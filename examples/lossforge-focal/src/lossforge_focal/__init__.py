@@ -57,7 +57,7 @@ def lossforge_losses():
         family="detection",
         arguments=("inputs", "targets"),
         differentiable=("inputs",),
-        options={"alpha": 0.25, "gamma": 2.0, "reduction": "none"},
+        options={"alpha": 0.25, "gamma": 2.0, "reduction": "none"},  # torchvision's defaults
         prepare=_prepare,
         reference=_reference,
         example=_example,
