@@ -33,7 +33,7 @@ _dispatcher.get_current_device = lambda: _Device()
 import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
-import lossforge.plugins.similarity.cuda as similarity  # noqa: E402
+import lossforge.plugins.similarity as similarity  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
 
@@ -79,8 +79,13 @@ def signatures(dtype):
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
-        (similarity._cosine_similarity, (a, a, i, i, f, a, a, a, a, i)),
-        (similarity._cosine_embedding, (a, a, f64, i, i, f, a, a, a, a, f, i, scratch)),
+        *[
+            (
+                rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),
+                (a, a, f64, one, i, i, a, a, a, a, f, i, scratch),
+            )
+            for k in (similarity.COSINE, similarity.EMBEDDING)
+        ],
     ]
 
 

@@ -2,19 +2,97 @@
 PyTorch 2.13's semantics; gradients for both inputs.
 
 The two inputs must have the same shape (PyTorch broadcasts them; lossforge refuses with
-``ValueError``). The kernels work on rows along the reduced dimension: for
-``cosine_similarity`` with ``dim`` not the last dimension, the inputs are moved to rows first
-(one copy) and the gradients moved back.
+``ValueError``). The kernels work on rows along the reduced dimension, made by
+``lossforge.kernels.Rowwise`` from the row formulas below: for ``cosine_similarity`` with
+``dim`` not the last dimension, the inputs are moved to rows first (one copy) and the
+gradients moved back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 
-from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge import LossSpec, Prepared, dispatch, hookimpl, validate
+from lossforge.kernels import Rowwise
 
 #: The default ``eps`` of cosine_similarity and ``margin`` of cosine_embedding_loss.
 DEFAULT_EPS, DEFAULT_MARGIN = 1e-8, 0.0
+
+#: PyTorch's cosine_embedding_loss adds this to each squared norm: 1e-12 held in a C++ float.
+EMBEDDING_EPSILON = float(np.float32(1e-12))
+
+
+# The row formulas (float64): the sums of x y, x x and y y along a row pair, the row's value
+# and its gradient coefficients, then each element's two gradients.
+
+
+def dot_and_norms(x, y):
+    return x * y, x * x, y * y
+
+
+def cosine(sums, t, p):
+    """PyTorch's ``sum(x1 / max(|x1|, eps) * x2 / max(|x2|, eps))``; in the gradient the
+    norms' own derivative is that of the unclamped norm (0 at a zero vector), as autograd
+    gives it there."""
+    dot, aa, bb = sums
+    (eps,) = p
+    n1 = math.sqrt(aa)
+    n2 = math.sqrt(bb)
+    c1 = max(n1, eps)
+    c2 = max(n2, eps)
+    cos = dot / (c1 * c2)
+    r1 = cos / (c1 * n1) if n1 > 0 else 0.0
+    r2 = cos / (c2 * n2) if n2 > 0 else 0.0
+    return cos, 1.0 / (c1 * c2), r1, r2
+
+
+def embedding(sums, t, p):
+    """``1 - cos`` for target 1, ``max(cos - margin, 0)`` for -1, 0 for any other target."""
+    dot, aa, bb = sums
+    (margin,) = p
+    m1 = aa + EMBEDDING_EPSILON
+    m2 = bb + EMBEDDING_EPSILON
+    denominator = math.sqrt(m1 * m2)
+    cos = dot / denominator
+    loss = 0.0
+    sign = 0.0  # d loss / d cos
+    if t == 1:
+        loss = 1.0 - cos
+        sign = -1.0
+    elif t == -1:
+        loss = max(cos - margin, 0.0)
+        sign = 1.0 if cos - margin >= 0 else 0.0  # PyTorch's clamp_min gradient
+    return loss, sign / denominator, sign * cos / m1, sign * cos / m2
+
+
+def pair_grads(x, y, inv, r1, r2, g):
+    """d/dx1 = x2 inv - x1 r1, d/dx2 = x1 inv - x2 r2 (times the upstream gradient)."""
+    return y * (inv * g) - x * (r1 * g), x * (inv * g) - y * (r2 * g)
+
+
+COSINE = Rowwise(dot_and_norms, cosine, pair_grads, params=("eps",))
+EMBEDDING = Rowwise(dot_and_norms, embedding, pair_grads, params=("margin",))
+
+
+def _cosine_similarity(kernel):
+    """The KernelSpec function of cosine_similarity on one backend: rows moved from ``dim``
+    (``p.params["moved"]``, the moved shape, else None) get gradients moved back."""
+
+    def run(p, loss_out, grads, grad_output, scale):
+        moved, dim = p.params["moved"], p.params["dim"]
+        if not grads or moved is None:
+            return kernel(p, loss_out, grads, grad_output, scale)
+        rows = tuple(dispatch.empty(p.arrays[0].shape, p.dtype, p.backend) for _ in grads)
+        total = kernel(p, loss_out, rows, grad_output, scale)
+        for final, rows_grad in zip(grads, rows):
+            moved_back = validate.moveaxis(rows_grad.reshape(moved), -1, dim, p.backend)
+            dispatch.copy_into(final, moved_back, p.backend)
+        return total
+
+    return run
 
 
 def _prepare_cosine_similarity(arrays, options, backend):
@@ -24,7 +102,7 @@ def _prepare_cosine_similarity(arrays, options, backend):
     ndim = len(shape)
     if ndim == 0 and dim in (-1, 0):  # PyTorch treats a 0-d input as one element along dim
         return Prepared(
-            arrays=(x1.reshape(1, 1), x2.reshape(1, 1)),
+            arrays=(x1.reshape(1, 1), x2.reshape(1, 1), None),
             params={"eps": eps, "moved": None, "dim": 0},
             reduction=None,
             denominator=1.0,
@@ -51,7 +129,7 @@ def _prepare_cosine_similarity(arrays, options, backend):
         x1 = validate.as_float("x1", x1, dtype, backend).reshape(-1, size)
         x2 = validate.as_float("x2", x2, dtype, backend).reshape(-1, size)
     return Prepared(
-        arrays=(x1, x2),
+        arrays=(x1, x2, None),
         params={"eps": eps, "moved": moved, "dim": dim},
         reduction=None,
         denominator=1.0,
@@ -189,7 +267,6 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    for name in ("cosine_similarity", "cosine_embedding_loss"):
-        cpu = "lossforge.plugins.similarity.cpu"
-        yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
-        yield KernelSpec(name, "cuda", f"lossforge.plugins.similarity.cuda:{name}")
+    for spec in COSINE.specs("cosine_similarity", (DEFAULT_EPS,), reduction=None):
+        yield dataclasses.replace(spec, function=_cosine_similarity(spec.function))
+    yield from EMBEDDING.specs("cosine_embedding_loss", (DEFAULT_MARGIN,))

@@ -339,6 +339,172 @@ class Elementwise:
         yield KernelSpec(loss, "cuda", cuda)
 
 
+class Rowwise:
+    """The kernels of a loss on pairs of rows ``(R, D)`` (the last axis reduced), from a row
+    formula in three functions, all in float64:
+
+    terms: ``(x, y) -> (u, v, w)``, per element; each summed along the row.
+    row: ``(sums, t, p) -> (value, c0, c1, c2)``: the row's value (its loss) from the
+        three sums, the row's target ``t`` (0 without one) and the parameters ``p``; and
+        three coefficients for ``grads`` (a flat tuple: Numba's parallel array analysis
+        fails on a nested one).
+    grads: ``(x, y, c0, c1, c2, g) -> (d/dx, d/dy)``, per element, ``g`` the upstream
+        gradient times the reduction's scale.
+
+    ``Prepared.arrays`` is ``(x1, x2, target)``: two C-contiguous ``(R, D)`` arrays and a
+    float64 ``(R,)`` target or ``None``; ``params`` names the entries of ``Prepared.params``
+    that make ``p``, in order (others are the loss's own business). Cosine similarity is the
+    model: sums of ``x y``, ``x x``, ``y y``.
+    """
+
+    def __init__(
+        self,
+        terms: Formula,
+        row: Formula,
+        grads: Formula,
+        *,
+        params: tuple[str, ...] = (),
+        parallel_min: int | None = None,
+    ):
+        self.formulas = (terms, row, grads)
+        self.params = params
+        self.parallel_min = parallel_min
+        self.__name__ = row.__name__
+        self._cuda: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Rowwise {self.formulas[1].__module__}.{self.__name__}>"
+
+    @functools.cached_property
+    def kernel(self) -> Any:
+        """``kernel(n, x1, x2, t, p, loss_out, g1, g2, go, scale)``, ``None`` for absent
+        arrays; returns the float64 sum of the rows' values."""
+        from lossforge.runtime import cpu
+
+        terms, row, grads = self.formulas
+        return cpu.KernelPair(
+            cpu.rowwise,
+            **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
+            name=_kernel_name(row, "rowwise"),
+            namespace={
+                "terms": cpu.inline(terms),
+                "row": cpu.inline(row),
+                "grads": cpu.inline(grads),
+            },
+        )
+
+    def _params(self, p: Any) -> tuple[float, ...]:
+        return tuple(float(p.params[k]) for k in self.params) or (0.0,)  # no empty tuple
+
+    def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on the CPU."""
+        x1, x2, t = p.arrays
+        g1, g2 = (g.reshape(x1.shape) for g in grads) if grads else (None, None)
+        return self.kernel(
+            x1.size,
+            x1,
+            x2,
+            t,
+            self._params(p),
+            None if loss_out is None else loss_out.reshape(-1),
+            g1,
+            g2,
+            None if grad_output is None else grad_output.reshape(-1),
+            scale,
+        )
+
+    def fast(
+        self,
+        arrays: tuple[Any, ...],
+        out: Any,
+        params: tuple[float, ...] = (),
+        reduced: bool = True,
+    ) -> Any:
+        """``value_and_grad`` with every option at its default on ready ``(N, D)`` rows (and a
+        ``(N)`` target when the loss has one): the general path's kernel without its per-call
+        layers; ``None`` for anything else. ``reduced``: the default reduction is ``"mean"``
+        (else the value is the rows' values, a loss without a reduction)."""
+        from lossforge import validate
+
+        if len(arrays) not in (2, 3):
+            return None
+        x1, x2 = arrays[0], arrays[1]
+        dtype = validate.ready_arrays((x1, x2))
+        if dtype is None or x1.ndim != 2 or x1.shape[0] == 0:
+            return None
+        t = None
+        if len(arrays) == 3:
+            t = arrays[2]
+            if type(t) is not np.ndarray or t.shape != x1.shape[:1] or t.dtype.kind not in "iuf":
+                return None
+            t = np.ascontiguousarray(t, np.float64)  # as prepare converts it
+        if out is None:
+            out = (np.empty(x1.shape, dtype), np.empty(x1.shape, dtype))
+        elif type(out) is not tuple or len(out) != 2:
+            return None
+        else:
+            inputs = tuple(a for a in arrays if type(a) is np.ndarray)
+            if not (
+                validate.ready_out(out[0], x1.shape, dtype, (*inputs, out[1]))
+                and validate.ready_out(out[1], x1.shape, dtype, inputs)
+            ):
+                return None
+        rows = x1.shape[0]
+        params = params or (0.0,)
+        if not reduced:
+            value = np.empty(rows, dtype)
+            self.kernel(x1.size, x1, x2, t, params, value, out[0], out[1], None, 1.0)
+            return value, out
+        total = self.kernel(x1.size, x1, x2, t, params, None, out[0], out[1], None, 1 / rows)
+        return dtype.type(total / rows), out
+
+    def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on CUDA."""
+        from lossforge.runtime import cuda as rt
+
+        if self._cuda is None:
+            self._cuda = rt.rowwise_kernel(
+                self.formulas, _kernel_name(self.formulas[1], "cuda_rowwise")
+            )
+        x1, x2, t = p.arrays
+        rows, dim = x1.shape
+        if rows == 0:
+            return 0.0
+        dtype = p.dtype
+        lanes, blocks = rt.rows_config(rows, dim)
+        scratch = rt.partials(blocks)
+        self._cuda[blocks, rt.THREADS, rt.stream()](
+            rt.flat(x1, dtype),
+            rt.flat(x2, dtype),
+            rt.flat(t, np.dtype(np.float64)),
+            self._params(p),
+            rows,
+            dim,
+            rt.flat(loss_out, dtype),
+            rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(grads[1], dtype) if grads else rt.nothing(dtype),
+            rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+            float(scale),
+            lanes,
+            scratch,
+        )
+        if p.reduction in ("mean", "sum"):
+            return rt.finish(scratch)[0]
+        return 0.0
+
+    def specs(
+        self, loss: str, defaults: tuple[float, ...] = (), *, reduction: str | None = "mean"
+    ) -> Iterator[KernelSpec]:
+        """The CPU (with its fast lane for 2-D inputs whose rows are the reduced axis under
+        the default options: ``defaults`` the parameters then, ``reduction`` the default
+        reduction, ``None`` for a loss without one) and CUDA ``KernelSpec`` of ``loss``."""
+        lane = None
+        if reduction in ("mean", None):
+            lane = functools.partial(self.fast, params=defaults, reduced=reduction == "mean")
+        yield KernelSpec(loss, "cpu", self.cpu, fast=lane)
+        yield KernelSpec(loss, "cuda", self.cuda)
+
+
 def prepare(
     arrays: tuple[Any, ...],
     options: dict[str, Any],

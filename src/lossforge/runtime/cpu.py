@@ -400,3 +400,67 @@ def first_invalid(x, y):
         if invalid(x[i], y[i]):
             return i
     return -1
+
+
+def terms(x, y):
+    """Placeholder for a row formula's per-element terms ``(x, y) -> (u, v, w)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def row(sums, t, p):
+    """Placeholder for a row formula's ``(sums, target, params) -> (value, c0, c1, c2)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def grads(x, y, c0, c1, c2, g):
+    """Placeholder for a row formula's per-element gradients ``-> (d/dx, d/dy)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
+    """Pairs of rows ``(R, D)`` through a row formula: one pass over a row pair for the three
+    sums of its ``terms`` (float64, each by ``tree_sum`` over a scratch row: a fixed order
+    that vectorizes, where ``s += x * y`` is a serial add chain), the row's value and
+    gradient coefficients from ``row``, a second pass over the same (cached) rows for both
+    gradients. Chunks of whole rows (about ``CHUNK`` elements each), blocks of ``BLOCK``
+    rows' values summed by ``tree_sum``, chunk partials added in order."""
+    rows, dim = x1.shape
+    per_chunk = max(1, CHUNK // max(dim, 1))
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    for c in prange(chunks):
+        products = np.empty((3, padded(dim)))
+        buf = np.empty(BLOCK)
+        s = 0.0
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            for i in range(lo, hi):
+                a = x1[i]
+                b = x2[i]
+                pu = products[0]
+                pv = products[1]
+                pw = products[2]
+                for k in range(dim):
+                    u, v, w = terms(np.float64(a[k]), np.float64(b[k]))
+                    pu[k] = u
+                    pv[k] = v
+                    pw[k] = w
+                products[:, dim:] = 0.0
+                sums = (tree_sum(pu), tree_sum(pv), tree_sum(pw))
+                value, c0, c1, c2 = row(sums, 0.0 if t is None else t[i], p)
+                if loss_out is not None:
+                    loss_out[i] = value
+                if g1_out is not None:
+                    g = scale if go is None else scale * np.float64(go[i])
+                    ga = g1_out[i]
+                    gb = g2_out[i]
+                    for k in range(dim):
+                        da, db = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2, g)
+                        ga[k] = da
+                        gb[k] = db
+                buf[i - lo] = value
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    return ordered_sum(partials)

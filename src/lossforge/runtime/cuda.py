@@ -799,3 +799,76 @@ def row_mean_kernel(formula: Any, invalid: Any, name: str) -> Any:
     from lossforge.kernels import clone
 
     return kernel(clone(_row_mean, name, {"formula": device_formula(formula, f"{name}_formula")}))
+
+
+def terms(x, y):
+    """Placeholder for a row formula's per-element terms ``(x, y) -> (u, v, w)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def row(sums, t, p):
+    """Placeholder for a row formula's ``(sums, target, params) -> (value, c0, c1, c2)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def grads(x, y, c0, c1, c2, g):
+    """Placeholder for a row formula's per-element gradients ``-> (d/dx, d/dy)``."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes, scratch):
+    """Pairs of rows through a row formula: each row pair is handled by a group of ``lanes``
+    threads, one coalesced pass for the sums of its terms (fixed trees in shared memory),
+    a second over the same rows for both gradients; the rows' values go to deterministic
+    per-block partials."""
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    sc = cuda.shared.array(THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % lanes
+    per_block = THREADS // lanes
+    targets = t.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = g1_out.size > 0
+    upstream = go.size > 0
+    acc = 0.0
+    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+        i = base + tid // lanes
+        active = i < rows
+        start = i * dim
+        su = 0.0
+        sv = 0.0
+        sw = 0.0
+        if active:
+            for k in range(lane, dim, lanes):
+                u, v, w = terms(float64(x1[start + k]), float64(x2[start + k]))
+                su += u
+                sv += v
+                sw += w
+        su, sv, sw = group_sum3(sa, sb, sc, tid, lane, lanes, su, sv, sw)
+        if active:
+            value, c0, c1, c2 = row((su, sv, sw), float64(t[i]) if targets else 0.0, p)
+            if lane == 0:
+                if want_loss:
+                    loss_out[i] = value
+                acc += value
+            if want_grad:
+                g = scale * float64(go[i]) if upstream else scale
+                for k in range(lane, dim, lanes):
+                    x = float64(x1[start + k])
+                    y = float64(x2[start + k])
+                    da, db = grads(x, y, c0, c1, c2, g)
+                    g1_out[start + k] = da
+                    g2_out[start + k] = db
+    write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def rowwise_kernel(formulas: Any, name: str) -> Any:
+    """The CUDA kernel of a row formula (``terms``, ``row``, ``grads``)."""
+    from lossforge.kernels import clone
+
+    namespace = {
+        key: device_formula(fn, f"{name}_{key}")
+        for key, fn in zip(("terms", "row", "grads"), formulas, strict=True)
+    }
+    return kernel(clone(_rowwise, name, namespace))
