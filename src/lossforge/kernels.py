@@ -33,8 +33,10 @@ never the formula's. Two precisions:
   float64; for formulas with ``exp``/``log`` (the binary family). Constants then come through
   ``mathfn.like(x, c)``, so that a float32 formula stays float32.
 
-Hand-written kernels remain possible through ``KernelSpec`` for what a template cannot
-express (the cross-entropy and cosine kernels).
+:class:`Rowwise` does the same for losses on pairs of rows (a reduction along the last axis,
+then per element: the cosine losses). Hand-written kernels remain possible through
+``KernelSpec`` for what the templates cannot express: ``cross_entropy`` and ``nll_loss``
+keep theirs (a transposed kernel for few classes, integer-key row maxima, a gather).
 """
 
 from __future__ import annotations
