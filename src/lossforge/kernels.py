@@ -551,6 +551,12 @@ def _kernel_name(formula: Formula, template: str) -> str:
     return f"{template}_{formula.__module__.replace('.', '_')}_{formula.__name__}_{digest}"
 
 
+def unspecialised(*args: Any) -> Any:
+    """What a template body's formula names (``formula``, ``invalid``, ``terms``, ``row``,
+    ``grads``, ``store``) stand for until ``clone`` gives them a loss's functions."""
+    raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
 def clone(fn: Callable, name: str, namespace: dict[str, Any] | None = None) -> Callable:
     """``fn`` under another name, its globals overlaid with ``namespace``: how a template's
     body is specialised to a formula (Numba resolves globals when it compiles)."""

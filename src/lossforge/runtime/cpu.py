@@ -29,6 +29,11 @@ from numba.extending import intrinsic
 
 from lossforge import validate
 from lossforge.kernels import clone
+from lossforge.kernels import unspecialised as formula
+from lossforge.kernels import unspecialised as grads
+from lossforge.kernels import unspecialised as invalid
+from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as terms
 from lossforge.runtime import mathfn
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
@@ -283,16 +288,6 @@ def threads(n: int) -> Iterator[None]:
 # to each kernel made from them through ``KernelPair(namespace=...)`` -----------------------
 
 
-def formula(x, y, a, p):
-    """Placeholder for a formula ``(x, y, a, p) -> (loss, d loss / d x)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def invalid(x, y):
-    """Placeholder for a formula's domain check ``(x, y) -> bool``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
 @numba.njit(inline="always", **JIT_OPTIONS)
 def _at(values, k, absent):
     """``values[k]``, or ``absent`` when there are no values (``None``: compiled out)."""
@@ -400,21 +395,6 @@ def first_invalid(x, y):
         if invalid(x[i], y[i]):
             return i
     return -1
-
-
-def terms(x, y):
-    """Placeholder for a row formula's per-element terms ``(x, y) -> (u, v, w)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def row(sums, t, p):
-    """Placeholder for a row formula's ``(sums, target, params) -> (value, c0, c1, c2)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def grads(x, y, c0, c1, c2, g):
-    """Placeholder for a row formula's per-element gradients ``-> (d/dx, d/dy)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
 
 
 def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):

@@ -54,6 +54,12 @@ import numba
 import numpy as np
 from numba import cuda, float64
 
+from lossforge.kernels import unspecialised as formula
+from lossforge.kernels import unspecialised as grads
+from lossforge.kernels import unspecialised as invalid
+from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as store
+from lossforge.kernels import unspecialised as terms
 from lossforge.runtime import cache
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -670,16 +676,6 @@ def device_formula(formula: Any, name: str) -> Any:
     return device(clone(formula, name, namespace))
 
 
-def formula(x, y, a, p):
-    """Placeholder for a formula ``(x, y, a, p) -> (loss, d loss / d x)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def invalid(x, y):
-    """Placeholder for a formula's domain check ``(x, y) -> bool``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
 @device
 def _valid(x, y):
     return False
@@ -734,11 +730,6 @@ def _elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, scratch):
         acc += loss
         i += step
     write_partials(sa, sb, scratch, acc, bad)
-
-
-def store(*args):
-    """Placeholder for ``_elementwise_store`` specialised to a formula."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
 
 
 def elementwise_kernel(formula: Any, invalid: Any, name: str) -> Any:
@@ -799,21 +790,6 @@ def row_mean_kernel(formula: Any, invalid: Any, name: str) -> Any:
     from lossforge.kernels import clone
 
     return kernel(clone(_row_mean, name, {"formula": device_formula(formula, f"{name}_formula")}))
-
-
-def terms(x, y):
-    """Placeholder for a row formula's per-element terms ``(x, y) -> (u, v, w)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def row(sums, t, p):
-    """Placeholder for a row formula's ``(sums, target, params) -> (value, c0, c1, c2)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
-
-
-def grads(x, y, c0, c1, c2, g):
-    """Placeholder for a row formula's per-element gradients ``-> (d/dx, d/dy)``."""
-    raise NotImplementedError("a template body runs only as a formula's kernel")
 
 
 def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes, scratch):
