@@ -40,11 +40,13 @@ def test_wheel_holds_only_lossforge(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"lossforge", wheel.name.split("-py")[0] + ".dist-info"}, tops
-    for module in ("runtime/cache.py", "py.typed", "plugins/__init__.py"):
+    for module in ("kernels.py", "runtime/cache.py", "py.typed", "plugins/__init__.py"):
         assert f"lossforge/{module}" in names
     for family in ("regression", "binary", "multiclass", "similarity"):
-        for module in ("__init__", "cpu", "cuda"):
-            assert f"lossforge/plugins/{family}/{module}.py" in names
+        assert f"lossforge/plugins/{family}/__init__.py" in names
+    assert {"lossforge/plugins/multiclass/cpu.py", "lossforge/plugins/multiclass/cuda.py"} <= set(
+        names
+    )
     assert not [n for n in names if "focal" in n or "/tests/" in n or "examples" in n]
 
 
