@@ -68,9 +68,9 @@ def embedding(sums, t, p):
     return loss, sign / denominator, sign * cos / m1, sign * cos / m2
 
 
-def pair_grads(x, y, inv, r1, r2, g):
-    """d/dx1 = x2 inv - x1 r1, d/dx2 = x1 inv - x2 r2 (times the upstream gradient)."""
-    return y * (inv * g) - x * (r1 * g), x * (inv * g) - y * (r2 * g)
+def pair_grads(x, y, inv, r1, r2):
+    """d/dx1 = x2 inv - x1 r1, d/dx2 = x1 inv - x2 r2."""
+    return y * inv - x * r1, x * inv - y * r2
 
 
 COSINE = Rowwise(dot_and_norms, cosine, pair_grads, params=("eps",))

@@ -350,8 +350,9 @@ class Rowwise:
         three sums, the row's target ``t`` (0 without one) and the parameters ``p``; and
         three coefficients for ``grads`` (a flat tuple: Numba's parallel array analysis
         fails on a nested one).
-    grads: ``(x, y, c0, c1, c2, g) -> (d/dx, d/dy)``, per element, ``g`` the upstream
-        gradient times the reduction's scale.
+    grads: ``(x, y, c0, c1, c2) -> (d/dx, d/dy)``, per element, linear in the
+        coefficients: the template multiplies them by the upstream gradient (times the
+        reduction's scale) once a row, so that the element loop has no extra multiply.
 
     ``Prepared.arrays`` is ``(x1, x2, target)``: two C-contiguous ``(R, D)`` arrays and a
     float64 ``(R,)`` target or ``None``; ``params`` names the entries of ``Prepared.params``

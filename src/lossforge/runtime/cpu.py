@@ -433,10 +433,13 @@ def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
                     loss_out[i] = value
                 if g1_out is not None:
                     g = scale if go is None else scale * np.float64(go[i])
+                    c0 *= g
+                    c1 *= g
+                    c2 *= g
                     ga = g1_out[i]
                     gb = g2_out[i]
                     for k in range(dim):
-                        da, db = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2, g)
+                        da, db = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2)
                         ga[k] = da
                         gb[k] = db
                 buf[i - lo] = value

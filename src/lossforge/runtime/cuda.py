@@ -830,10 +830,13 @@ def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes
                 acc += value
             if want_grad:
                 g = scale * float64(go[i]) if upstream else scale
+                c0 *= g
+                c1 *= g
+                c2 *= g
                 for k in range(lane, dim, lanes):
                     x = float64(x1[start + k])
                     y = float64(x2[start + k])
-                    da, db = grads(x, y, c0, c1, c2, g)
+                    da, db = grads(x, y, c0, c1, c2)
                     g1_out[start + k] = da
                     g2_out[start + k] = db
     write_partials(sa, sb, scratch, acc, NO_FLAG)
