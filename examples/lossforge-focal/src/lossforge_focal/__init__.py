@@ -16,14 +16,25 @@ from lossforge.runtime import mathfn
 
 def focal(x, y, a, p):  # one element, in float64: (loss, d loss / d x)
     alpha, gamma = p
-    e = mathfn.exp(-abs(x))
-    prob = 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
-    ce = y * (mathfn.log1p(e) + max(-x, 0.0)) + (1.0 - y) * (mathfn.log1p(e) + max(x, 0.0))
+    e = mathfn.exp_nonpositive(-abs(x))  # in (0, 1]
+    r = 1.0 / (1.0 + e)
+    prob = r if x >= 0 else e * r  # sigmoid(x)
+    softplus = mathfn.log1p_unit(e)  # log(1 + exp(-|x|))
+    positive = x if x > 0 else 0.0
+    ce = y * (softplus + positive - x) + (1.0 - y) * (softplus + positive)
     q = 1.0 - (prob * y + (1.0 - prob) * (1.0 - y))  # 1 - p_t
     weight = alpha * y + (1.0 - alpha) * (1.0 - y) if alpha >= 0 else 1.0
+    # q ** gamma and q ** (gamma - 1) through exp and log, which vectorize (** does not);
+    # computed, then selected: a select of two cheap values keeps the loop vectorized
+    log_q = mathfn.log(q)
+    q_gamma = mathfn.exp_nonpositive(gamma * log_q)  # gamma >= 0
+    q_gamma = q_gamma if gamma != 0 else 1.0
+    q_gamma1 = mathfn.exp((gamma - 1.0) * log_q)
+    q_gamma1 = q_gamma1 if gamma != 1 else 1.0
     # d ce / dx = p - y; d (1 - p_t) / dx = -p (1 - p) (2y - 1)
-    d_mod = gamma * q ** (gamma - 1.0) * prob * (1.0 - prob) * (2.0 * y - 1.0) if gamma else 0.0
-    return weight * ce * q**gamma, weight * ((prob - y) * q**gamma - ce * d_mod)
+    d_mod = gamma * q_gamma1 * prob * (1.0 - prob) * (2.0 * y - 1.0)
+    d_mod = d_mod if gamma != 0 else 0.0
+    return weight * ce * q_gamma, weight * ((prob - y) * q_gamma - ce * d_mod)
 
 
 KERNEL = Elementwise(focal)
