@@ -69,7 +69,7 @@ def signatures(dtype):
                 rt.elementwise_kernel(k.formula, k.invalid, f"check_{k.__name__}"),
                 (a, a, a, a, one, a, a, a, f, scratch),
             )
-            for k in (binary.BCE, binary.LOGITS)
+            for k in (binary.BCE, binary.LOGITS, binary.SOFT_MARGIN, binary.HINGE_EMBEDDING)
         ],
         (
             rt.row_mean_kernel(binary.LOGITS.formula, None, "check_row_mean"),

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from lossforge import LossSpec, Prepared, hookimpl, validate
-from lossforge.kernels import Elementwise
+from lossforge.kernels import Elementwise, prepare
 from lossforge.runtime import mathfn
 
 _SHAPE = """
@@ -88,6 +88,31 @@ def bce_with_logits(x, y, a, p):
     return loss, (one - y) * sigmoid - a * y * sigmoid_neg
 
 
+def soft_margin(x, y, a, p):
+    """PyTorch's ``log1p(exp(-y x))``, gradient ``-y z / (1 + z)`` with ``z = exp(-y x)``:
+    as PyTorch, inf (and a nan gradient) where ``exp`` overflows, at ``y x < -709.8``; in
+    float64 for float32 input too, so finite where PyTorch's float32 overflows already."""
+    z = mathfn.exp(-y * x)
+    return mathfn.log1p(z), -y * z / (1.0 + z)
+
+
+def hinge_embedding(x, y, a, p):
+    """PyTorch's ``max(margin - x, 0)`` where ``y != 1`` plus ``x`` where ``y != -1`` (both
+    terms for any other target); the clamp passes its gradient where ``margin - x >= 0``."""
+    (margin,) = p
+    m = margin - x
+    hinge = y != 1.0
+    identity = y != -1.0
+    loss = (0.0 if m < 0 else m) if hinge else 0.0  # nan stays nan, as PyTorch's clamp
+    g = -1.0 if (m >= 0) & hinge else 0.0
+    return loss + (x if identity else 0.0), g + (1.0 if identity else 0.0)
+
+
+SOFT_MARGIN = Elementwise(soft_margin)
+HINGE_EMBEDDING = Elementwise(hinge_embedding)
+#: The default ``margin`` of hinge_embedding_loss.
+DEFAULT_HINGE_MARGIN = 1.0
+
 BCE = Elementwise(
     bce, native=True, wide=("float32", "float64"), invalid=outside_unit, error=outside_unit_error
 )
@@ -147,6 +172,15 @@ def _prepare_bce_logits(arrays, options, backend):
     return _prepare(arrays, options, backend, pos_weight=True)
 
 
+def _prepare_soft_margin(arrays, options, backend):
+    return prepare(arrays, options, backend)
+
+
+def _prepare_hinge_embedding(arrays, options, backend):
+    margin = validate.check_real("margin", options["margin"])
+    return prepare(arrays, options, backend, params={"margin": margin})
+
+
 def _prepare_multilabel(arrays, options, backend):
     (x, y), _, dtype, dtypes, shape = validate.elementwise(
         arrays, ("input", "target"), None, backend
@@ -194,6 +228,27 @@ def _ref_multilabel(input, target, weight=None, **_):
     if weight is not None:
         e = e * np.asarray(weight, np.float64)
     return e.mean(axis=-1)
+
+
+def _ref_soft_margin(input, target, **_):
+    x, y = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    with np.errstate(over="ignore"):
+        return np.log1p(np.exp(-y * x))
+
+
+def _ref_hinge_embedding(input, target, margin=1.0, **_):
+    x, y = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    return np.where(y != 1, np.maximum(margin - x, 0), 0) + np.where(y != -1, x, 0)
+
+
+def _example_signs(rng, size, dtype):
+    shape = _shape(size)
+    x = (rng.standard_normal(shape) * 2).astype(dtype)
+    return (x, rng.choice([-1.0, 1.0], shape).astype(dtype)), {}
+
+
+def _soft_labels(rng, arrays, dtype):  # an option set: targets other than +-1 are taken too
+    return {"target": rng.uniform(-1.0, 1.0, np.shape(arrays[0])).astype(dtype)}
 
 
 def _shape(size):
@@ -281,6 +336,47 @@ SPECS = [
         Output: a scalar for "mean" (over N) and "sum"; (N) or () for "none".
 """,
     ),
+    LossSpec(
+        name="soft_margin_loss",
+        family="binary",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"reduction": "mean"},
+        prepare=_prepare_soft_margin,
+        reference=_ref_soft_margin,
+        example=_example_signs,
+        option_sets=(_soft_labels,),
+        doc="""Two-class logistic loss of targets ``y`` in {-1, 1}: ``log(1 + exp(-y x))``,
+    computed as PyTorch does (``log1p(exp(-y x))``), so it overflows to inf where PyTorch's
+    does (at ``-y x > 709.8``; for float32 input lossforge computes in float64 and stays
+    finite up to there, where PyTorch's float32 gives inf from 88.7). Gradient
+    ``-y exp(-y x) / (1 + exp(-y x))``; ``"mean"`` over the elements.
+
+    Shape:
+        input: any shape. target: the input's shape.
+        Output: a scalar for "mean" and "sum"; the input's shape for "none".
+""",
+    ),
+    LossSpec(
+        name="hinge_embedding_loss",
+        family="binary",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"margin": DEFAULT_HINGE_MARGIN, "reduction": "mean"},
+        prepare=_prepare_hinge_embedding,
+        reference=_ref_hinge_embedding,
+        example=_example_signs,
+        option_sets=({"margin": 0.5}, {"margin": -0.25}),
+        doc="""Hinge embedding loss of distances ``x`` and targets ``y`` in {-1, 1}: ``x`` where
+    ``y = 1``, ``max(0, margin - x)`` where ``y = -1``; as PyTorch, a target that is neither
+    gets both terms. Gradient: 1 where ``y != -1``, minus 1 where ``y != 1`` and
+    ``margin - x >= 0`` (PyTorch's clamp passes the gradient at equality).
+
+    Shape:
+        input: any shape. target: the input's shape.
+        Output: a scalar for "mean" and "sum"; the input's shape for "none".
+""",
+    ),
 ]
 
 
@@ -294,3 +390,5 @@ def lossforge_kernels():
     yield from BCE.specs("binary_cross_entropy")
     yield from LOGITS.specs("binary_cross_entropy_with_logits")
     yield from LOGITS.specs("multilabel_soft_margin_loss", rows=True)
+    yield from SOFT_MARGIN.specs("soft_margin_loss")
+    yield from HINGE_EMBEDDING.specs("hinge_embedding_loss", (DEFAULT_HINGE_MARGIN,))

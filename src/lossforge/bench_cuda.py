@@ -57,6 +57,12 @@ def cases(size: int, dtype: Any, classes: int) -> list[Case]:
         Case(name, (n,), [floats(n), floats(n)], {}, 3 * n * item)
         for name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
     ]
+    signs = np.where(unit(n) < 0.5, -1.0, 1.0).astype(dtype)  # targets in {-1, 1}
+    out += [
+        Case("poisson_nll_loss", (n,), [floats(n), np.floor(4 * unit(n))], {}, 3 * n * item),
+        Case("soft_margin_loss", (n,), [floats(n), signs], {}, 3 * n * item),
+        Case("hinge_embedding_loss", (n,), [floats(n), signs], {}, 3 * n * item),
+    ]
     out += [
         Case("binary_cross_entropy", (n,), [unit(n), unit(n)], {}, 3 * n * item),
         Case("binary_cross_entropy_with_logits", (n,), [floats(n), unit(n)], {}, 3 * n * item),

@@ -71,6 +71,13 @@ def check_range(name: str, value: object, lo: float, hi: float) -> float:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A boolean option: ``True``/``False`` (NumPy's too); ``TypeError`` for anything else."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+
+
 def check_int(name: str, value: object) -> int:
     """An int option that kernels take as int64: ``TypeError`` for anything but an integer,
     ``ValueError`` for one outside int64 (never a wrapped value, never ``OverflowError``)."""
