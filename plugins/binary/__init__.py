@@ -89,11 +89,22 @@ def bce_with_logits(x, y, a, p):
 
 
 def soft_margin(x, y, a, p):
-    """PyTorch's ``log1p(exp(-y x))``, gradient ``-y z / (1 + z)`` with ``z = exp(-y x)``:
-    as PyTorch, inf (and a nan gradient) where ``exp`` overflows, at ``y x < -709.8``; in
-    float64 for float32 input too, so finite where PyTorch's float32 overflows already."""
-    z = mathfn.exp(-y * x)
-    return mathfn.log1p(z), -y * z / (1.0 + z)
+    """PyTorch's ``log1p(exp(t))``, ``t = -y x``, gradient ``-y z / (1 + z)`` with
+    ``z = exp(t)``; computed as the stable ``max(t, 0) + log1p(exp(-|t|))`` (vectorizable
+    exp and log1p of arguments in range) but, as PyTorch, inf with a nan gradient where its
+    ``exp`` overflows (``t > 709.78``): in float64 for float32 input too, so finite where
+    PyTorch's float32 overflows already (``t > 88.7``)."""
+    t = -y * x
+    e = mathfn.exp_nonpositive(-abs(t))  # in (0, 1]
+    r = 1.0 / (1.0 + e)
+    loss = (t if t > 0 else 0.0) + mathfn.log1p_unit(e)
+    g = -y * (r if t >= 0 else e * r)  # -y sigmoid(t)
+    overflow = t > EXP_OVERFLOW
+    return (math.inf if overflow else loss), (math.nan if overflow else g)
+
+
+#: Where float64's exp overflows: PyTorch's soft_margin_loss is inf from here.
+EXP_OVERFLOW = 709.782712893384
 
 
 def hinge_embedding(x, y, a, p):

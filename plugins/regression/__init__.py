@@ -85,11 +85,12 @@ def poisson_nll(x, y, a, p):
     linear_g = 1.0 - y / (x + eps)
     loss = loss if log_input != 0 else linear_loss
     g = g if log_input != 0 else linear_g
-    stirling = y * mathfn.log(y) - y + 0.5 * mathfn.log(TWO_PI * y)
+    log_y = mathfn.log(y)
+    stirling = y * log_y - y + 0.5 * (log_y + LOG_TWO_PI)
     return loss + (stirling if (full != 0) & (y > 1) else 0.0), g
 
 
-TWO_PI = 2.0 * math.pi
+LOG_TWO_PI = math.log(2.0 * math.pi)
 
 # 512-bit vectors for float32 smooth L1 and Huber (10^6 in cache: 15-38% faster, 10^7:
 # 3-18%); not for MSE and L1, whose elements are the cheapest (MSE 5% slower at 10^7, L1 5%
