@@ -132,6 +132,15 @@ class Elementwise:
         name = _kernel_name(self.invalid, "first_invalid")
         return count, cpu.jit(clone(cpu.first_invalid, name, namespace))
 
+    @staticmethod
+    def _params(p: Any) -> tuple[float, ...]:
+        """The formula's ``p``: ``Prepared.params`` in order, as floats."""
+        return tuple(float(v) for v in p.params.values())
+
+    def _wide(self, dtype: np.dtype) -> bool | None:
+        """``True`` (512-bit vectors) for the dtypes in ``wide``, else ``None`` (pruned)."""
+        return True if dtype in self.wide else None
+
     def _check(self, x: np.ndarray, y: np.ndarray) -> None:
         """Raise the formula's error for its first invalid element, if there is one."""
         if self.invalid is None:
@@ -152,12 +161,12 @@ class Elementwise:
             y,
             w.ravel() if w is not None and w.size else None,
             None if a is None else a.ravel(),
-            tuple(float(v) for v in p.params.values()),
+            self._params(p),
             None if loss_out is None else loss_out.ravel(),
             grads[0].ravel() if grads else None,
             grad_output.ravel() if grads and grad_output is not None else None,
             scale,
-            True if x.dtype in self.wide else None,
+            self._wide(x.dtype),
         )
 
     def fast(self, arrays: tuple[Any, ...], out: Any, params: tuple[float, ...] = ()) -> Any:
@@ -174,7 +183,7 @@ class Elementwise:
         n = x.size
         if self.invalid is not None and self._checks[0](n, x, y):
             return None
-        wide = True if x.dtype in self.wide else None
+        wide = self._wide(x.dtype)
         total = self.kernel(n, x, y, None, None, params, None, grad, None, 1 / n, wide)
         return out.dtype.type(total / n), out
 
@@ -201,12 +210,12 @@ class Elementwise:
             y.ravel(),
             w.ravel() if w is not None and w.size else None,
             None if a is None else a.ravel(),
-            tuple(float(v) for v in p.params.values()),
+            self._params(p),
             elements,
             grads[0].ravel() if grads else None,
             go,
             scale / classes,
-            True if x.dtype in self.wide else None,
+            self._wide(x.dtype),
         )
         if loss_out is not None:
             row_sums = elements.reshape(rows, classes).sum(axis=1, dtype=np.float64)
@@ -227,7 +236,7 @@ class Elementwise:
         classes = arrays[0].shape[-1]
         rows = x.size // classes
         scale = 1 / rows / classes
-        wide = True if x.dtype in self.wide else None
+        wide = self._wide(x.dtype)
         total = self.kernel(x.size, x, y, None, None, params, None, grad, None, scale, wide)
         return out.dtype.type(total / classes / rows), out
 
@@ -244,7 +253,7 @@ class Elementwise:
         return found
 
     def _cuda_params(self, p: Any) -> tuple[float, ...]:
-        return tuple(float(v) for v in p.params.values()) or (0.0,)  # no empty tuple argument
+        return self._params(p) or (0.0,)  # no empty tuple argument
 
     def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on CUDA (the CUDA stack is imported on first call)."""
