@@ -54,26 +54,29 @@ def signatures(dtype):
         (rt._sum, (a, scratch)),
         *[
             (
-                rt.elementwise_kernel(k.formula, k.invalid, f"check_{k.__name__}"),
-                (a, a, a, a, p, a, a, a, f, scratch),
+                rt.elementwise_kernel(k.formula, k.invalid, k.hessian, f"check_{k.__name__}"),
+                (a, a, a, a, p, a, a, a, a, f, scratch),
             )
             for k, p in [
                 (regression.KERNELS["mse_loss"][0], types.UniTuple(f, 1)),
                 (regression.KERNELS["l1_loss"][0], types.UniTuple(f, 1)),
                 (regression.KERNELS["smooth_l1_loss"][0], types.UniTuple(f, 2)),
                 (regression.KERNELS["huber_loss"][0], types.UniTuple(f, 1)),
+                (regression.KERNELS["poisson_nll_loss"][0], types.UniTuple(f, 3)),
             ]
         ],
         *[
             (
-                rt.elementwise_kernel(k.formula, k.invalid, f"check_{k.__name__}"),
-                (a, a, a, a, one, a, a, a, f, scratch),
+                rt.elementwise_kernel(k.formula, k.invalid, k.hessian, f"check_{k.__name__}"),
+                (a, a, a, a, one, a, a, a, a, f, scratch),
             )
             for k in (binary.BCE, binary.LOGITS, binary.SOFT_MARGIN, binary.HINGE_EMBEDDING)
         ],
         (
-            rt.row_mean_kernel(binary.LOGITS.formula, None, "check_row_mean"),
-            (a, a, a, a, one, i, i, a, a, a, f, i, scratch),
+            rt.row_mean_kernel(
+                binary.LOGITS.formula, None, binary.LOGITS.hessian, "check_row_mean"
+            ),
+            (a, a, a, a, one, i, i, a, a, a, a, f, i, scratch),
         ),
         (multiclass._check_targets, (index, i, i, a, scratch)),
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),

@@ -308,9 +308,9 @@ def test_one_out_for_two_gradients_is_refused(name, rng):
     loss = lf.get(name)
     o = np.empty_like(a)
     for options in [{}, {"reduction": "sum"} if loss.reduced else {"dim": 1}]:
-        with pytest.raises(ValueError, match="one array given for two gradients"):
+        with pytest.raises(ValueError, match="one array given for two outputs"):
             loss.value_and_grad(*arrays, out=(o, o), **options)
-        with pytest.raises(ValueError, match="one array given for two gradients"):
+        with pytest.raises(ValueError, match="one array given for two outputs"):
             loss.grad(*arrays, out=(o, o), **options)
         buf = np.empty(a.size + 1)
         halves = (buf[:-1].reshape(a.shape), buf[1:].reshape(a.shape))

@@ -56,6 +56,18 @@ def bce(x, y, a, p):
     return -(y * log_x + (one - y) * log_1x), (x - y) / denominator
 
 
+def bce_hessian(x, y, a, p):
+    """``y / x^2 + (1 - y) / (1 - x)^2``, each denominator floored at the gradient's epsilon
+    (finite at inputs of exactly 0 or 1, as the gradient is)."""
+    one = mathfn.like(x, 1.0)
+    epsilon = mathfn.like(x, GRAD_EPSILON)
+    xx = x * x
+    xx = epsilon if xx < epsilon else xx
+    yy = (one - x) * (one - x)
+    yy = epsilon if yy < epsilon else yy
+    return y / xx + (one - y) / yy
+
+
 def outside_unit(x, y):
     """binary_cross_entropy's domain: an input or target outside [0, 1] (nan is not)."""
     return (x < 0) | (x > 1) | (y < 0) | (y > 1)
@@ -88,6 +100,14 @@ def bce_with_logits(x, y, a, p):
     return loss, (one - y) * sigmoid - a * y * sigmoid_neg
 
 
+def bce_with_logits_hessian(x, y, a, p):
+    """``((1 - y) + a y) sigmoid(x) sigmoid(-x)``."""
+    one = mathfn.like(x, 1.0)
+    e = mathfn.exp_nonpositive(-abs(x))
+    r = one / (one + e)
+    return ((one - y) + a * y) * (e * r * r)
+
+
 def soft_margin(x, y, a, p):
     """PyTorch's ``log1p(exp(t))``, ``t = -y x``, gradient ``-y z / (1 + z)`` with
     ``z = exp(t)``; computed as the stable ``max(t, 0) + log1p(exp(-|t|))`` (vectorizable
@@ -101,6 +121,14 @@ def soft_margin(x, y, a, p):
     g = -y * (r if t >= 0 else e * r)  # -y sigmoid(t)
     overflow = t > EXP_OVERFLOW
     return (math.inf if overflow else loss), (math.nan if overflow else g)
+
+
+def soft_margin_hessian(x, y, a, p):
+    """``y^2 sigmoid(t) sigmoid(-t)``, ``t = -y x``; nan where the loss overflows."""
+    t = -y * x
+    e = mathfn.exp_nonpositive(-abs(t))
+    r = 1.0 / (1.0 + e)
+    return math.nan if t > EXP_OVERFLOW else y * y * (e * r * r)
 
 
 #: Where float64's exp overflows: PyTorch's soft_margin_loss is inf from here.
@@ -119,15 +147,22 @@ def hinge_embedding(x, y, a, p):
     return loss + (x if identity else 0.0), g + (1.0 if identity else 0.0)
 
 
-SOFT_MARGIN = Elementwise(soft_margin)
+SOFT_MARGIN = Elementwise(soft_margin, hessian=soft_margin_hessian)
 HINGE_EMBEDDING = Elementwise(hinge_embedding)
 #: The default ``margin`` of hinge_embedding_loss.
 DEFAULT_HINGE_MARGIN = 1.0
 
 BCE = Elementwise(
-    bce, native=True, wide=("float32", "float64"), invalid=outside_unit, error=outside_unit_error
+    bce,
+    hessian=bce_hessian,
+    native=True,
+    wide=("float32", "float64"),
+    invalid=outside_unit,
+    error=outside_unit_error,
 )
-LOGITS = Elementwise(bce_with_logits, native=True, wide=("float32", "float64"))
+LOGITS = Elementwise(
+    bce_with_logits, hessian=bce_with_logits_hessian, native=True, wide=("float32", "float64")
+)
 
 
 def _broadcast(name, value, shape, dtype, backend, hint=""):

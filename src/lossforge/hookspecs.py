@@ -99,6 +99,16 @@ class KernelSpec:
     exactly what the general path returns, and ``None`` for anything else, bad input
     included (the general path then raises the right error). It is used only with the
     kernel it comes with: a plugin that replaces the kernel replaces it too.
+
+    ``hessian`` (optional; a callable or an import path) is the kernel of ``grad_hess``: the
+    gradient and the Hessian diagonal with respect to the first differentiable argument in
+    one pass::
+
+        total = hessian(p, loss_out, (grad_out,), (hess_out,), grad_output, scale)
+
+    ``hess_out`` receives ``grad_output * scale * d^2(loss)/d(argument)^2`` element by
+    element, weighted as the gradient is; the rest is as for ``function``. It comes and goes
+    with its kernel, like ``fast``.
     """
 
     loss: str
@@ -106,6 +116,7 @@ class KernelSpec:
     function: Callable[..., float] | str
     extras: Mapping[str, Any] = field(default_factory=dict)
     fast: Callable[..., Any] | str | None = None
+    hessian: Callable[..., float] | str | None = None
 
 
 @hookspec

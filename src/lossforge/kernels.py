@@ -8,6 +8,9 @@ A formula is a plain function of one element::
         ...
         return loss, gradient       # d loss / d x
 
+    def huber_hessian(x, y, a, p):  # optional: d^2 loss / d x^2, for grad_hess
+        ...
+
 - ``x``, ``y``: the input and target elements; ``a``: the element of the loss's optional
   auxiliary array (e.g. ``pos_weight``), or 1 where the loss has none; ``p``: a tuple of
   float parameters (``Prepared.params`` in order, e.g. ``(delta,)``).
@@ -63,6 +66,10 @@ class Elementwise:
     """The kernels of an element-wise loss from its formula.
 
     formula: ``(x, y, a, p) -> (loss, d loss / d x)``, see the module docstring.
+    hessian: optional ``(x, y, a, p) -> d^2 loss / d x^2``, the Hessian diagonal for
+        ``Loss.grad_hess`` (weighted and scaled as the gradient is). Where the true second
+        derivative is 0 or undefined (a linear piece, a kink), return what a Newton step
+        wants, and say what in the loss's docstring.
     native: compute in the input's precision (True) or in float64 (False).
     wide: dtypes (``"float32"``, ``"float64"``) whose CPU kernel uses 512-bit vectors
         (``runtime.cpu.wide_vectors``): a measured choice per formula.
@@ -79,6 +86,7 @@ class Elementwise:
         self,
         formula: Formula,
         *,
+        hessian: Formula | None = None,
         native: bool = False,
         wide: tuple[str, ...] = (),
         invalid: Formula | None = None,
@@ -88,6 +96,7 @@ class Elementwise:
         if (invalid is None) != (error is None):
             raise TypeError("invalid and error go together")
         self.formula = formula
+        self.hessian = hessian
         self.native = native
         self.wide = frozenset(np.dtype(d) for d in wide)
         self.invalid = invalid
@@ -104,16 +113,17 @@ class Elementwise:
     @functools.cached_property
     def kernel(self) -> Any:
         """The serial/parallel ``KernelPair`` (compiled on first call, then cached on disk):
-        ``kernel(n, x, y, w, a, p, loss_out, grad_out, go, scale, wide)`` on flat arrays,
-        ``None`` for absent ones, returns the float64 sum of the (weighted) losses."""
+        ``kernel(n, x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide)`` on flat
+        arrays, ``None`` for absent ones, returns the float64 sum of the (weighted) losses."""
         from lossforge.runtime import cpu
 
         body = cpu.native_elementwise if self.native else cpu.float64_elementwise
+        hessian = cpu.no_hessian if self.hessian is None else cpu.inline(self.hessian)
         return cpu.KernelPair(
             body,
             **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
-            name=_kernel_name(self.formula, body.__name__),
-            namespace={"formula": cpu.inline(self.formula)},
+            name=_kernel_name(self.formula, body.__name__, self.hessian),
+            namespace={"formula": cpu.inline(self.formula), "hessian": hessian},
         )
 
     @functools.cached_property
@@ -152,6 +162,12 @@ class Elementwise:
 
     def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on the CPU."""
+        return self.cpu_hessian(p, loss_out, grads, None, grad_output, scale)
+
+    def cpu_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """The ``KernelSpec.hessian`` function on the CPU (``cpu`` with a Hessian buffer)."""
         x, y, w, a = p.arrays
         x, y = x.ravel(), y.ravel()
         self._check(x, y)
@@ -164,6 +180,7 @@ class Elementwise:
             self._params(p),
             None if loss_out is None else loss_out.ravel(),
             grads[0].ravel() if grads else None,
+            hessians[0].ravel() if hessians else None,
             grad_output.ravel() if grads and grad_output is not None else None,
             scale,
             self._wide(x.dtype),
@@ -184,7 +201,7 @@ class Elementwise:
         if self.invalid is not None and self._checks[0](n, x, y):
             return None
         wide = self._wide(x.dtype)
-        total = self.kernel(n, x, y, None, None, params, None, grad, None, 1 / n, wide)
+        total = self.kernel(n, x, y, None, None, params, None, grad, None, None, 1 / n, wide)
         return out.dtype.type(total / n), out
 
     # -- row means (multilabel_soft_margin_loss: each row's value is the mean of its
@@ -193,6 +210,12 @@ class Elementwise:
         """The ``KernelSpec`` function on the CPU of the row-mean form: the element kernel
         over all elements with the scale divided by the class count (the total needs no
         rows), per-row values summed from per-element losses afterwards."""
+        return self.cpu_rows_hessian(p, loss_out, grads, None, grad_output, scale)
+
+    def cpu_rows_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """``cpu_rows`` with a Hessian buffer."""
         x, y, w, a = p.arrays
         rows, classes = x.shape
         if not classes:  # no classes: every row's mean is nan (PyTorch's 0 / 0)
@@ -201,7 +224,7 @@ class Elementwise:
             return float("nan") if rows else 0.0
         elements: Any = None if loss_out is None else np.empty(x.size, x.dtype)
         go = None
-        if grads and grad_output is not None:
+        if (grads or hessians) and grad_output is not None:
             go = np.repeat(grad_output.ravel(), classes)
         self._check(x.ravel(), y.ravel())
         total = self.kernel(
@@ -213,6 +236,7 @@ class Elementwise:
             self._params(p),
             elements,
             grads[0].ravel() if grads else None,
+            hessians[0].ravel() if hessians else None,
             go,
             scale / classes,
             self._wide(x.dtype),
@@ -237,7 +261,7 @@ class Elementwise:
         rows = x.size // classes
         scale = 1 / rows / classes
         wide = self._wide(x.dtype)
-        total = self.kernel(x.size, x, y, None, None, params, None, grad, None, scale, wide)
+        total = self.kernel(x.size, x, y, None, None, params, None, grad, None, None, scale, wide)
         return out.dtype.type(total / classes / rows), out
 
     # -- CUDA ----------------------------------------------------------------------------
@@ -248,7 +272,10 @@ class Elementwise:
         if found is None:
             make = getattr(rt, f"{template}_kernel")
             found = self._cuda[template] = make(
-                self.formula, self.invalid, _kernel_name(self.formula, f"cuda_{template}")
+                self.formula,
+                self.invalid,
+                self.hessian,
+                _kernel_name(self.formula, f"cuda_{template}", self.hessian),
             )
         return found
 
@@ -257,6 +284,12 @@ class Elementwise:
 
     def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on CUDA (the CUDA stack is imported on first call)."""
+        return self.cuda_hessian(p, loss_out, grads, None, grad_output, scale)
+
+    def cuda_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """The ``KernelSpec.hessian`` function on CUDA."""
         from lossforge.runtime import cuda as rt
 
         kernel = self._cuda_kernel("elementwise")
@@ -275,6 +308,7 @@ class Elementwise:
             self._cuda_params(p),
             rt.flat(loss_out, dtype),
             rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(hessians[0], dtype) if hessians else rt.nothing(dtype),
             rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
             float(scale),
             scratch,
@@ -289,6 +323,12 @@ class Elementwise:
     def cuda_rows(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The row-mean form on CUDA: each row summed by a group of threads (a whole block for
         long rows) with a fixed tree; the gradient is element-wise and coalesced."""
+        return self.cuda_rows_hessian(p, loss_out, grads, None, grad_output, scale)
+
+    def cuda_rows_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """``cuda_rows`` with a Hessian buffer."""
         from lossforge.runtime import cuda as rt
 
         if self.invalid is not None:
@@ -317,6 +357,7 @@ class Elementwise:
             classes,
             rt.flat(loss_out, dtype),
             rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(hessians[0], dtype) if hessians else rt.nothing(dtype),
             rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
             float(scale),
             lanes,
@@ -340,14 +381,21 @@ class Elementwise:
         default: ``defaults`` are the formula's parameters then, ``reduction`` the loss's
         default reduction (the lane serves ``"mean"`` only). ``rows``: the row-mean form
         (each row's value the mean of its elements' losses)."""
-        cpu, fast, cuda = (
-            (self.cpu_rows, self.fast_rows, self.cuda_rows)
+        cpu, fast, cuda, cpu_hessian, cuda_hessian = (
+            (
+                self.cpu_rows,
+                self.fast_rows,
+                self.cuda_rows,
+                self.cpu_rows_hessian,
+                self.cuda_rows_hessian,
+            )
             if rows
-            else (self.cpu, self.fast, self.cuda)
+            else (self.cpu, self.fast, self.cuda, self.cpu_hessian, self.cuda_hessian)
         )
         lane = functools.partial(fast, params=defaults) if reduction == "mean" else None
-        yield KernelSpec(loss, "cpu", cpu, fast=lane)
-        yield KernelSpec(loss, "cuda", cuda)
+        has = self.hessian is not None
+        yield KernelSpec(loss, "cpu", cpu, fast=lane, hessian=cpu_hessian if has else None)
+        yield KernelSpec(loss, "cuda", cuda, hessian=cuda_hessian if has else None)
 
 
 class Rowwise:
@@ -548,10 +596,13 @@ def prepare(
     )
 
 
-def _kernel_name(formula: Formula, template: str) -> str:
-    """A kernel's name: its template, its formula, and a digest of the formula's module
-    source. Numba's disk cache keys a kernel on the template's file and this name; the digest
-    makes an edited formula (or a helper beside it) a new kernel instead of a stale hit."""
+def _kernel_name(formula: Formula, template: str, hessian: Formula | None = None) -> str:
+    """A kernel's name: its template, its formula (and Hessian), and a digest of the
+    formula's module source. Numba's disk cache keys a kernel on the template's file and this
+    name; the digest makes an edited formula (or a helper beside it) a new kernel instead of
+    a stale hit."""
+    if hessian is not None:
+        template = f"{template}_{hessian.__name__}"
     module = sys.modules.get(formula.__module__)
     try:
         source = inspect.getsource(module) if module is not None else ""
@@ -562,8 +613,9 @@ def _kernel_name(formula: Formula, template: str) -> str:
 
 
 def unspecialised(*args: Any) -> Any:
-    """What a template body's formula names (``formula``, ``invalid``, ``terms``, ``row``,
-    ``grads``, ``store``) stand for until ``clone`` gives them a loss's functions."""
+    """What a template body's formula names (``formula``, ``hessian``, ``invalid``,
+    ``terms``, ``row``, ``grads``, ``store``) stand for until ``clone`` gives them a loss's
+    functions."""
     raise NotImplementedError("a template body runs only as a formula's kernel")
 
 

@@ -51,6 +51,7 @@ class Loss:
         self._defaults = dict(spec.options)
         self._registry = registry
         self._kernels: dict[str, tuple[Any, str]] = {}
+        self._hessians: dict[str, tuple[Any, str]] = {}
         self._fast: Any = _UNRESOLVED  # KernelSpec.fast of the CPU kernel, resolved once
 
     def __repr__(self) -> str:
@@ -91,6 +92,23 @@ class Loss:
                     return result
         return self._run(arrays, options, True, True, grad_output, out)
 
+    def grad_hess(
+        self, *arrays: Any, grad_output: Any = None, out: Any = None, **options: Any
+    ) -> tuple[Any, Any]:
+        """``(gradient, Hessian diagonal)`` with respect to the first differentiable argument
+        (``self.differentiable[0]``), from one fused pass: per element, the first and second
+        derivative of the (weighted) loss, scaled by the reduction and ``grad_output`` as
+        ``grad`` is. ``out=(grad, hess)`` receives them. What gradient boosting takes from a
+        custom objective; ``NotImplementedError`` for a loss without a Hessian."""
+        _, grad, hess = self._run(arrays, options, False, True, grad_output, out, True)
+        return grad, hess
+
+    def value_grad_hess(
+        self, *arrays: Any, grad_output: Any = None, out: Any = None, **options: Any
+    ) -> tuple[Any, Any, Any]:
+        """``(value, gradient, Hessian diagonal)`` from one fused pass: see ``grad_hess``."""
+        return self._run(arrays, options, True, True, grad_output, out, True)
+
     def partial(self, *arrays: Any, **options: Any) -> tuple[float, float]:
         """``(total, denominator)`` as float64: the summed (weighted) losses and what
         ``"mean"`` divides them by. Chunks of a large input combine by adding pairs."""
@@ -103,7 +121,9 @@ class Loss:
 
     # -- the per-call path ---------------------------------------------------------------
     # Kept lean: a small-input call must cost a few microseconds above its kernel.
-    def _prepare(self, arrays: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Any]:
+    def _prepare(
+        self, arrays: tuple[Any, ...], options: dict[str, Any], hessian: bool = False
+    ) -> tuple[Any, Any]:
         if len(arrays) != len(self.arguments):
             raise TypeError(
                 f"{self.name}() takes {len(self.arguments)} array arguments "
@@ -122,9 +142,15 @@ class Loss:
         if self.reduced and opts["reduction"] not in validate.REDUCTIONS:
             validate.check_reduction(opts["reduction"])
         backend = dispatch.backend_of(arrays, forced)
-        kernel = self._kernels.get(backend)
-        if kernel is None:
-            kernel = self._kernels[backend] = self._registry.kernel(self.name, backend)
+        if hessian:
+            kernel = self._hessians.get(backend)
+            if kernel is None:
+                kernel = self._registry.hessian_kernel(self.name, backend)
+                self._hessians[backend] = kernel
+        else:
+            kernel = self._kernels.get(backend)
+            if kernel is None:
+                kernel = self._kernels[backend] = self._registry.kernel(self.name, backend)
         return self.spec.prepare(arrays, opts, backend), kernel
 
     def _run(
@@ -135,8 +161,11 @@ class Loss:
         want_grad: bool,
         grad_output: Any,
         out: Any,
-    ) -> tuple[Any, Any]:
-        p, kernel = self._prepare(arrays, options)
+        hessian: bool = False,
+    ) -> Any:
+        """``(value, grad)``, or ``(value, grad, hess)`` with ``hessian``; the kernel gets the
+        Hessian buffer as its own argument, after the gradients."""
+        p, kernel = self._prepare(arrays, options, hessian)
         reduced = p.reduction == "mean" or p.reduction == "sum"
         go = None
         scale = 1.0
@@ -148,20 +177,23 @@ class Loss:
                 scale = _divide(g, p.denominator) if p.reduction == "mean" else g
             elif grad_output is not None:
                 go = self._grad_output_array(grad_output, p)
-            if _ready_out(out, p):  # the common case, kept cheap
+            if not hessian and _ready_out(out, p):  # the common case, kept cheap
                 grads = finals = (out,)
             else:
-                grads, finals = self._grad_buffers(p, out)
+                grads, finals = self._grad_buffers(p, out, hessian)
             if out is not None and p.backend == "cpu":
                 validate.check_out_overlap(
                     finals,
-                    self.differentiable,
+                    self._out_labels(hessian),
                     (*zip(self.arguments, arrays), *options.items(), ("grad_output", grad_output)),
                 )
         loss_out = None
         if want_value and not reduced:
             loss_out = dispatch.empty(p.value_shape, p.dtype, p.backend)
-        total = self._kernel_call(kernel, p, loss_out, grads, go, scale)
+        if hessian:
+            total = self._kernel_call(kernel, p, loss_out, grads[:1], grads[1:], go, scale)
+        else:
+            total = self._kernel_call(kernel, p, loss_out, grads, go, scale)
         if reduced:
             if p.reduction == "mean":
                 total = _divide(total, p.denominator)
@@ -175,6 +207,8 @@ class Loss:
                         dispatch.copy_into(final, buffer, p.backend)  # float16 from float32
             if p.backend == "cuda":
                 value, finals = dispatch.cuda_runtime().to_caller(value, finals, arrays)
+            if hessian:
+                return value, finals[0], finals[1]
             return value, (finals[0] if len(finals) == 1 else finals)
         if p.backend == "cuda":
             value, _ = dispatch.cuda_runtime().to_caller(value, (), arrays)
@@ -209,22 +243,36 @@ class Loss:
             )
         return validate.as_float("grad_output", g, p.dtype, p.backend)
 
-    def _grad_buffers(self, p: Any, out: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(what the kernel writes into, what the caller gets), per gradient."""
-        dtypes = p.result_dtypes[1:]
+    def _out_labels(self, hessian: bool) -> tuple[str, ...]:
+        """What each output array holds, for messages about ``out=``."""
+        if hessian:
+            first = self.differentiable[0]
+            return (f"the gradient of {first}", f"the Hessian diagonal of {first}")
+        return tuple(f"the gradient of {name}" for name in self.differentiable)
+
+    def _grad_buffers(
+        self, p: Any, out: Any, hessian: bool = False
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(what the kernel writes into, what the caller gets), per gradient (the gradient
+        and the Hessian diagonal of the first argument, with ``hessian``)."""
+        shapes, dtypes = p.grad_shapes, p.result_dtypes[1:]
+        if hessian:
+            shapes, dtypes = shapes[:1] * 2, dtypes[:1] * 2
         if out is None:
             if len(dtypes) == 1 and dtypes[0] is p.dtype:  # the common case, kept cheap
-                grad = (dispatch.empty(p.grad_shapes[0], p.dtype, p.backend),)
+                grad = (dispatch.empty(shapes[0], p.dtype, p.backend),)
                 return grad, grad
-            finals = tuple(dispatch.empty(s, d, p.backend) for s, d in zip(p.grad_shapes, dtypes))
+            finals = tuple(dispatch.empty(s, d, p.backend) for s, d in zip(shapes, dtypes))
         else:
-            n = len(p.grad_shapes)
+            n = len(shapes)
             finals = (out,) if n == 1 and not isinstance(out, tuple) else tuple(out)
             if len(finals) != n:
-                raise ValueError(f"out must be a tuple of {n} arrays, one per gradient")
+                raise ValueError(
+                    f"out must be a tuple of {n} arrays: " + ", ".join(self._out_labels(hessian))
+                )
             finals = tuple(
-                _check_out(name, o, s, d, p.backend)
-                for name, o, s, d in zip(self.differentiable, finals, p.grad_shapes, dtypes)
+                _check_out(label, o, s, d, p.backend)
+                for label, o, s, d in zip(self._out_labels(hessian), finals, shapes, dtypes)
             )
         if all(f.dtype == p.dtype for f in finals):
             return finals, finals
@@ -268,9 +316,10 @@ def _cast(array: Any, dtype: np.dtype, backend: str) -> Any:
     return dispatch.cuda_runtime().astype(array, dtype)
 
 
-def _check_out(name: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, backend: str) -> Any:
-    """``out`` checked, as the kernels write into it (a Numba view of a CUDA ``out``)."""
-    where = f"out (the gradient of {name})"
+def _check_out(label: str, out: Any, shape: tuple[int, ...], dtype: np.dtype, backend: str) -> Any:
+    """``out`` checked, as the kernels write into it (a Numba view of a CUDA ``out``);
+    ``label`` says what it holds ("the gradient of input")."""
+    where = f"out ({label})"
     if backend == "cpu" and not isinstance(out, np.ndarray):
         raise TypeError(f"{where} must be a NumPy array, got {type(out).__name__}")
     if backend == "cuda":

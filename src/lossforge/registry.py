@@ -346,6 +346,17 @@ class Registry:
         spec, plugin = found
         return self._load(spec.function, spec, plugin, f"the {backend} kernel"), plugin
 
+    def hessian_kernel(self, name: str, backend: str) -> tuple[Any, str]:
+        """The ``hessian`` kernel that comes with the (loss, backend) kernel, and its plugin."""
+        self.kernel(name, backend)  # the same error when there is no kernel at all
+        spec, plugin = self.kernels[(name, backend)]
+        if spec.hessian is None:
+            raise NotImplementedError(
+                f"loss {name!r} has no Hessian on {backend} (its {backend} kernel, from plugin "
+                f"{plugin!r}, supplies none)"
+            )
+        return self._load(spec.hessian, spec, plugin, f"the {backend} Hessian kernel"), plugin
+
     def fast_path(self, name: str) -> Any:
         """The ``fast`` callable that comes with the CPU kernel of loss ``name``, or None."""
         self.ensure_loaded()

@@ -223,32 +223,32 @@ def _host_memory(value: Any) -> np.ndarray | None:
 
 def check_out_overlap(
     outs: Sequence[np.ndarray],
-    grad_names: Sequence[str],
+    labels: Sequence[str],
     inputs: Sequence[tuple[str, Any]],
 ) -> None:
-    """``ValueError`` when an ``out=`` array (one per gradient, ``grad_names``) shares memory
-    with an input, an option array or ``grad_output`` (``inputs``, as ``(name, value)``), or
-    with another ``out`` array. Kernels read their inputs while they write the gradient
-    (a cross-entropy row is read whole before any of it is written), so any overlap, the
-    input itself included, would give a wrong result; PyTorch refuses partial overlap too."""
-    for i, (name, out) in enumerate(zip(grad_names, outs)):
+    """``ValueError`` when an ``out=`` array (``labels``: what each holds, "the gradient of
+    input") shares memory with an input, an option array or ``grad_output`` (``inputs``, as
+    ``(name, value)``), or with another ``out`` array. Kernels read their inputs while they
+    write the gradient (a cross-entropy row is read whole before any of it is written), so
+    any overlap, the input itself included, would give a wrong result; PyTorch refuses
+    partial overlap too."""
+    for i, (label, out) in enumerate(zip(labels, outs)):
         for other in outs[:i]:
             if other is out:
                 raise ValueError(
-                    "one array given for two gradients: out must hold a separate array for "
-                    f"each of {', '.join(grad_names)}"
+                    "one array given for two outputs: out must "
+                    f"hold a separate array for each of {', '.join(labels)}"
                 )
             if overlaps(out, other):
                 raise ValueError(
-                    f"out arrays overlap: the gradients of {', '.join(grad_names)} need "
-                    "arrays that share no memory"
+                    f"out arrays overlap: {', '.join(labels)} need arrays that share no memory"
                 )
         for what, value in inputs:
             array = _host_memory(value)
             if array is not None and overlaps(out, array):
                 raise ValueError(
-                    f"out (the gradient of {name}) overlaps {what}: the gradient must be "
-                    f"written to memory that no argument is read from"
+                    f"out ({label}) overlaps {what}: it must be written to memory that no "
+                    "argument is read from"
                 )
 
 

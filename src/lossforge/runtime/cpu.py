@@ -31,6 +31,7 @@ from lossforge import validate
 from lossforge.kernels import clone
 from lossforge.kernels import unspecialised as formula
 from lossforge.kernels import unspecialised as grads
+from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
 from lossforge.kernels import unspecialised as terms
@@ -174,6 +175,25 @@ def finish_element(k, loss, g, ws, ls, gs, gos, scale):
     return loss
 
 
+@numba.njit(inline="always", **JIT_OPTIONS)
+def no_hessian(x, y, a, p):
+    """The ``hessian`` of a formula that has none: never called (``grad_hess`` is not
+    offered), typed all the same."""
+    return x * np.nan
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def finish_hessian(k, h, ws, hs, gos, scale):
+    """Element ``k``'s Hessian diagonal ``h`` weighted and scaled as ``finish_element`` does
+    its gradient; nothing when there is no Hessian to write (``hs`` is ``None``)."""
+    if hs is not None:
+        if ws is not None:
+            h *= ws[k]
+        if gos is not None:
+            h *= gos[k]
+        hs[k] = h * scale
+
+
 class KernelPair:
     """One kernel body compiled twice: serial for inputs under ``parallel_min`` elements,
     parallel (``prange``) for larger ones. The variants get distinct names so Numba's
@@ -296,13 +316,14 @@ def _at(values, k, absent):
     return values[k]
 
 
-def float64_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
+def float64_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide):
     """An element-wise formula in float64 over flat arrays (absent ones ``None``, compiled
     out): the loss of element ``k`` of every ``TILE``-element tile of a chunk goes to running
     sum ``k`` (adds along a vector, not across it; whole tiles run a loop of constant length,
     which vectorizes without a remainder loop), ``tree_sum`` adds the 64 sums at the chunk's
     end. ``wide``: ``True`` for 512-bit vectors, ``None`` not (a None argument is pruned
-    before lowering: two compilations of one body)."""
+    before lowering: two compilations of one body). ``hess_out``: the Hessian diagonal, from
+    the ``hessian`` formula, for ``grad_hess`` (``None`` otherwise, compiled out)."""
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
@@ -320,23 +341,32 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
             ws = None if w is None else w[lo:hi]
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
+            hs = None if hess_out is None else hess_out[lo:hi]
             gos = None if go is None else go[lo:hi]
             for t0 in range(0, xs.size, TILE):
                 for k in range(TILE):
                     j = t0 + k
-                    loss, g = formula(
-                        np.float64(xs[j]), np.float64(ys[j]), np.float64(_at(as_, j, 1.0)), p
-                    )
+                    xj = np.float64(xs[j])
+                    yj = np.float64(ys[j])
+                    aj = np.float64(_at(as_, j, 1.0))
+                    loss, g = formula(xj, yj, aj, p)
+                    if hs is not None:
+                        finish_hessian(j, hessian(xj, yj, aj, p), ws, hs, gos, scale)
                     sums[k] += finish_element(j, loss, g, ws, ls, gs, gos, scale)
         for k in range(end - whole):  # under 64 elements
             j = whole + k
-            loss, g = formula(np.float64(x[j]), np.float64(y[j]), np.float64(_at(a, j, 1.0)), p)
+            xj = np.float64(x[j])
+            yj = np.float64(y[j])
+            aj = np.float64(_at(a, j, 1.0))
+            loss, g = formula(xj, yj, aj, p)
+            if hess_out is not None:
+                finish_hessian(j, hessian(xj, yj, aj, p), w, hess_out, go, scale)
             sums[k] += finish_element(j, loss, g, w, loss_out, grad_out, go, scale)
         partials[c] = tree_sum(sums)
     return ordered_sum(partials)
 
 
-def native_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
+def native_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide):
     """An element-wise formula in the input's precision over flat arrays (float32 runs 16
     lanes a vector): a block's losses, stored in that precision (a float64 store in the loop
     would halve its vector width), are widened and summed by ``widened_sum``; the chunk adds
@@ -361,9 +391,13 @@ def native_elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, wide):
             ws = None if w is None else w[lo:hi]
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
+            hs = None if hess_out is None else hess_out[lo:hi]
             gos = None if go is None else go[lo:hi]
             for k in range(hi - lo):
-                loss, g = formula(xs[k], ys[k], _at(as_, k, one), p)
+                ak = _at(as_, k, one)
+                loss, g = formula(xs[k], ys[k], ak, p)
+                if hs is not None:
+                    finish_hessian(k, hessian(xs[k], ys[k], ak, p), ws, hs, gos, scale)
                 losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
             s += widened_sum(losses, hi - lo, buf)
         partials[c] = s

@@ -56,6 +56,7 @@ from numba import cuda, float64
 
 from lossforge.kernels import unspecialised as formula
 from lossforge.kernels import unspecialised as grads
+from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
 from lossforge.kernels import unspecialised as store
@@ -681,23 +682,36 @@ def _valid(x, y):
     return False
 
 
-def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, go, scale, bad):
-    """Element ``i`` through the formula, in float64: its loss and gradient written out;
-    returns its (weighted) loss and ``bad``, set to ``i`` if the element is the thread's
-    first invalid one (a thread's indices increase: its first flagged is its smallest)."""
+@device
+def _no_hessian(x, y, a, p):
+    return math.nan
+
+
+def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, hess_out, go, scale, bad):
+    """Element ``i`` through the formula, in float64: its loss and gradient (and Hessian
+    diagonal, for ``grad_hess``) written out; returns its (weighted) loss and ``bad``, set to
+    ``i`` if the element is the thread's first invalid one (a thread's indices increase: its
+    first flagged is its smallest)."""
     xi = float64(xi)
     yi = float64(yi)
+    ai = float64(a[i]) if a.size > 0 else 1.0
     if invalid(xi, yi):
         if bad == NO_FLAG:
             bad = float64(i)
         loss = g = math.nan  # the call raises
     else:
-        ai = float64(a[i]) if a.size > 0 else 1.0
         loss, g = formula(xi, yi, ai, p)
+    if hess_out.size > 0:
+        h = hessian(xi, yi, ai, p) * scale
+        if w.size > 0:
+            h *= float64(w[i])
+        if go.size > 0:
+            h *= float64(go[i])
+        hess_out[i] = h
     return finish_element(i, loss, g, w, loss_out, grad_out, go, scale), bad
 
 
-def _elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, scratch):
+def _elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, scratch):
     """A grid-stride loop, four elements a thread a round, all loaded before the first store:
     a store may alias the next element's input, so the compiler cannot hoist those loads
     itself, and one load pair in flight a thread leaves the memory bus half idle (H200:
@@ -713,38 +727,42 @@ def _elementwise(x, y, w, a, p, loss_out, grad_out, go, scale, scratch):
     while i + 3 * step < n:
         x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
         y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
-        loss, bad = store(i, x0, y0, a, w, p, loss_out, grad_out, go, scale, bad)
+        loss, bad = store(i, x0, y0, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = store(i, x1, y1, a, w, p, loss_out, grad_out, go, scale, bad)
+        loss, bad = store(i, x1, y1, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = store(i, x2, y2, a, w, p, loss_out, grad_out, go, scale, bad)
+        loss, bad = store(i, x2, y2, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
         acc += loss
         i += step
-        loss, bad = store(i, x3, y3, a, w, p, loss_out, grad_out, go, scale, bad)
+        loss, bad = store(i, x3, y3, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
         acc += loss
         i += step
     while i < n:
-        loss, bad = store(i, x[i], y[i], a, w, p, loss_out, grad_out, go, scale, bad)
+        loss, bad = store(i, x[i], y[i], a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
         acc += loss
         i += step
     write_partials(sa, sb, scratch, acc, bad)
 
 
-def elementwise_kernel(formula: Any, invalid: Any, name: str) -> Any:
-    """The CUDA kernel of an element-wise formula (and its optional domain check)."""
+def elementwise_kernel(formula: Any, invalid: Any, hessian: Any, name: str) -> Any:
+    """The CUDA kernel of an element-wise formula (and its optional domain check and
+    Hessian diagonal)."""
     from lossforge.kernels import clone
 
     namespace = {
         "formula": device_formula(formula, f"{name}_formula"),
         "invalid": _valid if invalid is None else device_formula(invalid, f"{name}_invalid"),
+        "hessian": _no_hessian if hessian is None else device_formula(hessian, f"{name}_hess"),
     }
     store_ = device(clone(_elementwise_store, f"{name}_store", namespace))
     return kernel(clone(_elementwise, name, {"store": store_}))
 
 
-def _row_mean(z, y, w, a, p, rows, classes, loss_out, grad_out, go, scale, lanes, scratch):
+def _row_mean(
+    z, y, w, a, p, rows, classes, loss_out, grad_out, hess_out, go, scale, lanes, scratch
+):
     """Rows of ``classes`` elements through the formula, each row's losses summed by a group
     of ``lanes`` threads with a fixed tree and divided by ``classes`` (the row's value); the
     gradient is element-wise and coalesced."""
@@ -757,6 +775,7 @@ def _row_mean(z, y, w, a, p, rows, classes, loss_out, grad_out, go, scale, lanes
     auxiliary = a.size > 0
     want_loss = loss_out.size > 0
     want_grad = grad_out.size > 0
+    want_hess = hess_out.size > 0
     upstream = go.size > 0
     inverse = 1.0 / classes
     acc = 0.0
@@ -769,13 +788,15 @@ def _row_mean(z, y, w, a, p, rows, classes, loss_out, grad_out, go, scale, lanes
             for j in range(lane, classes, lanes):
                 k = i * classes + j
                 ak = float64(a[k]) if auxiliary else 1.0
-                loss, d = formula(float64(z[k]), float64(y[k]), ak, p)
-                if weighted:
-                    loss *= float64(w[k])
-                    d *= float64(w[k])
-                s += loss
+                zk = float64(z[k])
+                yk = float64(y[k])
+                loss, d = formula(zk, yk, ak, p)
+                wk = float64(w[k]) if weighted else 1.0
+                s += loss * wk
                 if want_grad:
-                    grad_out[k] = d * g
+                    grad_out[k] = d * wk * g
+                if want_hess:
+                    hess_out[k] = hessian(zk, yk, ak, p) * wk * g
         row = group_sum(sa, tid, lane, lanes, s)
         if active and lane == 0:
             row *= inverse
@@ -785,11 +806,15 @@ def _row_mean(z, y, w, a, p, rows, classes, loss_out, grad_out, go, scale, lanes
     write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
-def row_mean_kernel(formula: Any, invalid: Any, name: str) -> Any:
+def row_mean_kernel(formula: Any, invalid: Any, hessian: Any, name: str) -> Any:
     """The CUDA kernel of an element-wise formula whose value is each row's mean."""
     from lossforge.kernels import clone
 
-    return kernel(clone(_row_mean, name, {"formula": device_formula(formula, f"{name}_formula")}))
+    namespace = {
+        "formula": device_formula(formula, f"{name}_formula"),
+        "hessian": _no_hessian if hessian is None else device_formula(hessian, f"{name}_hess"),
+    }
+    return kernel(clone(_row_mean, name, namespace))
 
 
 def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes, scratch):
