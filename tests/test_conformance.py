@@ -21,8 +21,11 @@ from lossforge.testing import CHECKS, OPTION_CHECKS, check_loss, parametrize_los
 @parametrize_losses()
 def test_check_loss(loss_name):
     ran = set(check_loss(loss_name))
-    assert set(CHECKS) - {"reference", "reductions"} <= ran  # cuda included: it is checkable
     loss = lf.get(loss_name)
+    optional = {"reference", "reductions"}
+    if not testing._has_hessian(loss):
+        optional.add("hessian")
+    assert set(CHECKS) - optional <= ran  # cuda included: it is checkable
     option_sets = loss.spec.option_sets
     if loss.plugin in dict(DEFAULT_PLUGINS):  # (an installed example plugin may run too)
         assert option_sets, "every built-in loss declares option sets"
@@ -188,3 +191,37 @@ def test_kit_fails_when_a_cuda_kernel_cannot_be_checked(monkeypatch):
     assert check_loss("mse_loss", checks=["cuda"], require_cuda=False) == []
     cpu_only = registry_with(ThreadDependentSum()).get("prange_mse")  # nothing to check
     assert check_loss(cpu_only, checks=["cuda"]) == []
+
+
+class HalfHessian:
+    """mse_loss's own kernels, with a Hessian of 1 where it is 2."""
+
+    @hookimpl(tryfirst=True)
+    def lossforge_kernels(self):
+        from lossforge.plugins.regression import mse
+
+        from lossforge.kernels import Elementwise
+
+        yield from Elementwise(mse, hessian=_unit).specs("mse_loss")
+
+
+def _unit(x, y, a, p):
+    return 1.0
+
+
+def test_kit_catches_a_wrong_hessian_and_a_bound_that_is_not_one():
+    loss = registry_with(HalfHessian()).get("mse_loss")
+    with pytest.raises(
+        AssertionError,
+        match=r"check_loss\('mse_loss'\): hessian: Hessian diagonal vs finite differences",
+    ):
+        check_loss(loss, checks=["hessian"])
+    # declared a bound (as l1_loss's is), 1 is still below mse's curvature of 2
+    bound = dataclasses.replace(loss.spec, hessian_bound=True)
+    object.__setattr__(loss, "spec", bound)
+    with pytest.raises(AssertionError, match=r"hessian: Hessian below the second derivative"):
+        check_loss(loss, checks=["hessian"])
+
+
+def test_kit_skips_the_hessian_of_a_loss_without_one():
+    assert "hessian" not in check_loss("hinge_embedding_loss", checks=["hessian"])

@@ -235,7 +235,8 @@ SPECS = [
         doc=f"""Mean squared error: ``loss_i = weight_i * (input_i - target_i) ** 2``.
 
     ``"mean"`` divides the sum by the element count, or by ``sum(weight)`` when a weight is
-    given (PyTorch 2.13). Gradient: ``2 * weight_i * (input_i - target_i)``.
+    given (PyTorch 2.13). Gradient: ``2 * weight_i * (input_i - target_i)``; Hessian
+    diagonal (``grad_hess``): ``2 * weight_i``.
 {_SHAPE}
     Example:
         >>> import numpy as np, lossforge as lf
@@ -253,10 +254,13 @@ SPECS = [
         reference=_ref_l1,
         example=_example,
         option_sets=(_weight,),
+        hessian_bound=True,
         doc=f"""Mean absolute error: ``loss_i = weight_i * |input_i - target_i|``.
 
     ``"mean"`` divides by the element count, or by ``sum(weight)`` when a weight is given.
     Gradient: ``weight_i * sign(input_i - target_i)`` (0 where they are equal, as PyTorch).
+    Hessian diagonal (``grad_hess``): ``weight_i``, not the true 0, which would make a Newton
+    step infinite (XGBoost's ``reg:absoluteerror`` and LightGBM's ``l1`` use the same).
 {_SHAPE}""",
     ),
     LossSpec(
@@ -269,8 +273,11 @@ SPECS = [
         reference=_ref_smooth_l1,
         example=_example,
         option_sets=({"beta": 0.5}, {"beta": 0.0}),
+        hessian_bound=True,
         doc=f"""Smooth L1: ``0.5 d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``,
     with ``d = input - target``; ``beta = 0`` is ``l1_loss``. ``beta`` must be >= 0.
+    Hessian diagonal (``grad_hess``): ``1 / beta`` everywhere (1 for ``beta = 0``), the
+    quadratic piece's curvature, also on the linear pieces, where the true value is 0.
 {_SHAPE}""",
     ),
     LossSpec(
@@ -283,9 +290,12 @@ SPECS = [
         reference=_ref_huber,
         example=_example,
         option_sets=({"delta": 0.3}, _weight),
+        hessian_bound=True,
         doc=f"""Huber: ``0.5 d**2`` where ``|d| < delta``, else ``delta (|d| - 0.5 delta)``,
     times ``weight_i`` when given; ``delta`` must be > 0. Unlike ``mse_loss``, the weighted
-    ``"mean"`` divides by the element count (PyTorch 2.13).
+    ``"mean"`` divides by the element count (PyTorch 2.13). Hessian diagonal
+    (``grad_hess``): ``weight_i`` everywhere, also where the loss is linear (true value 0),
+    as LightGBM's ``huber`` objective.
 {_SHAPE}""",
     ),
     LossSpec(

@@ -56,6 +56,11 @@ class LossSpec:
         options that depend on the example's arrays (a weight of the input's shape). Its
         entries update the example's options; one named after an argument replaces that
         array. See ``lossforge.testing``.
+    hessian_bound: the Hessian its kernels give (``Loss.grad_hess``) is an upper bound of
+        the second derivative, not its value, where the loss has linear pieces (there the
+        true value, 0, would make a Newton step infinite): e.g. the curvature of the loss's
+        quadratic piece everywhere. The conformance kit then checks it against finite
+        differences as a bound.
     """
 
     name: str
@@ -69,6 +74,7 @@ class LossSpec:
     doc: str = ""
     example_variants: tuple[Mapping[str, Any], ...] = ()
     option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
+    hessian_bound: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ with each of its option sets (``LossSpec.option_sets``, or ``check_loss(option_s
   denominator)``, ``"mean"`` is their ratio;
 - ``gradient``: every gradient agrees with central finite differences (float64);
 - ``grad_output``: gradients scale linearly with ``grad_output``;
+- ``hessian``: where the loss has a Hessian (``Loss.grad_hess``), its gradient and value are
+  ``value_and_grad``'s, the Hessian diagonal agrees with central finite differences of the
+  gradient (is at least them, for a loss that declares ``LossSpec.hessian_bound``), and
+  scales with ``grad_output`` and the reduction as the gradient does;
 - ``unchanged``: no input is modified;
 - ``threads``: value and gradient are bitwise identical at 1 and 2 threads, in float64 with
   ``"sum"`` on ``THREADS_SIZE`` elements (several reduction chunks, a partial last one, above
@@ -56,6 +60,7 @@ CHECKS = (
     "reductions",
     "gradient",
     "grad_output",
+    "hessian",
     "unchanged",
     "threads",
     "bad_input",
@@ -69,6 +74,7 @@ OPTION_CHECKS = (
     "reductions",
     "gradient",
     "grad_output",
+    "hessian",
     "unchanged",
     "threads",
     "cuda",
@@ -254,6 +260,57 @@ def _check_gradient(loss: Any, rng: np.random.Generator, option_set: Any) -> boo
     return True
 
 
+def _has_hessian(loss: Any, backend: str = "cpu") -> bool:
+    try:
+        loss._registry.hessian_kernel(loss.name, backend)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _check_hessian(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
+    if not _has_hessian(loss):
+        return False
+    arrays, options = _example(loss, rng, 48, np.float64, option_set)
+    position = loss.arguments.index(loss.differentiable[0])
+    kwargs = dict(options, reduction="none") if loss.reduced else dict(options)
+    value, grad = loss.value_and_grad(*arrays, **kwargs)
+    go = rng.standard_normal(np.shape(value))
+    value2, grad2, hess = loss.value_grad_hess(*arrays, grad_output=go, **kwargs)
+    _close(value2, value, 1e-13, "value_grad_hess value vs value_and_grad")
+    grad = loss.grad(*arrays, grad_output=go, **kwargs)
+    grad = grad[0] if isinstance(grad, tuple) else grad
+    _close(grad2, grad, 1e-13, "grad_hess gradient vs grad")
+    # d(gradient)/d(element), element by element: a row loss's gradient depends on its row
+    eps = 1e-5
+    base = np.array(arrays[position], dtype=np.float64)
+    numeric = np.zeros(base.shape)
+    for index in np.ndindex(base.shape):
+        args = list(arrays)
+        up, down = base.copy(), base.copy()
+        up[index] += eps
+        down[index] -= eps
+        args[position] = up
+        high = _grads(loss, tuple(args), grad_output=go, **kwargs)[0][index]
+        args[position] = down
+        low = _grads(loss, tuple(args), grad_output=go, **kwargs)[0][index]
+        numeric[index] = (high - low) / (2 * eps)
+    if loss.spec.hessian_bound:  # an upper bound of the curvature: go * h >= go * d2
+        excess = np.sign(go) * (np.asarray(hess) - numeric)
+        scale = np.max(np.abs(numeric), initial=1.0)
+        assert np.all(excess >= -1e-5 * scale), "Hessian below the second derivative"
+    else:
+        _close(hess, numeric, 1e-4, "Hessian diagonal vs finite differences", atol=1e-6)
+    if loss.reduced:
+        _, h_sum = loss.grad_hess(*arrays, **dict(options, reduction="sum"))
+        _, h_mean = loss.grad_hess(*arrays, **dict(options, reduction="mean"))
+        denominator = loss.partial(*arrays, **options)[1]
+        _close(h_mean, np.asarray(h_sum) / denominator, 1e-13, "mean Hessian vs sum / denominator")
+        _, h_go = loss.grad_hess(*arrays, grad_output=-2.5, **dict(options, reduction="sum"))
+        _close(h_go, -2.5 * np.asarray(h_sum), 1e-13, "grad_output=-2.5 vs -2.5 * Hessian")
+    return True
+
+
 def _check_grad_output(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
     arrays, options = _example(loss, rng, 32, np.float64, option_set)
     if loss.reduced:
@@ -370,6 +427,10 @@ def _check_cuda(loss: Any, rng: np.random.Generator, option_set: Any) -> bool:
         )
         for g, d in pairs:
             _close(d.copy_to_host(), g, rtol, f"{np.dtype(dtype)} CUDA gradient vs CPU", atol=1e-12)
+        if _has_hessian(loss, "cuda"):
+            _, hess = loss.grad_hess(*arrays, **options)
+            _, d_hess = loss.grad_hess(*device, **options)
+            _close(d_hess.copy_to_host(), hess, rtol, f"{np.dtype(dtype)} CUDA Hessian vs CPU")
     return True
 
 
@@ -378,6 +439,7 @@ _CHECKS = {
     "reductions": _check_reductions,
     "gradient": _check_gradient,
     "grad_output": _check_grad_output,
+    "hessian": _check_hessian,
     "unchanged": _check_unchanged,
     "threads": _check_threads,
     "bad_input": _check_bad_input,
