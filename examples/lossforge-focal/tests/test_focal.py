@@ -48,6 +48,24 @@ def test_matches_torchvision(reduction, alpha, gamma, dtype):
     np.testing.assert_allclose(grad, expected_grad.numpy(), rtol=rtol, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("alpha", "gamma"), [(0.25, 2.0), (-1.0, 1.5), (0.8, 0.5), (0.25, 0.0), (0.3, 1.0), (0.3, 3.0)]
+)
+def test_hessian_is_torch_autograds(alpha, gamma):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(12) * 3
+    y = rng.random(12)
+    y[:6] = np.round(y[:6])  # hard labels and soft ones
+    target = torch.from_numpy(y)
+
+    def total(t):
+        return torchvision_sigmoid_focal_loss(t, target, alpha, gamma, reduction="sum")
+
+    full = torch.autograd.functional.hessian(total, torch.from_numpy(x))
+    _, hess = lf.sigmoid_focal_loss.grad_hess(x, y, alpha=alpha, gamma=gamma, reduction="sum")
+    np.testing.assert_allclose(hess, full.diagonal().numpy(), rtol=1e-10, atol=1e-14)
+
+
 def test_defaults_are_torchvisions():
     loss = lf.get("sigmoid_focal_loss")
     assert dict(loss.options) == {"alpha": 0.25, "gamma": 2.0, "reduction": "none"}

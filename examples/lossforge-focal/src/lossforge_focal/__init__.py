@@ -37,7 +37,32 @@ def focal(x, y, a, p):  # one element, in float64: (loss, d loss / d x)
     return weight * ce * q_gamma, weight * ((prob - y) * q_gamma - ce * d_mod)
 
 
-KERNEL = Elementwise(focal)
+def focal_hessian(x, y, a, p):  # d2 loss / dx2, for grad_hess (gradient boosting)
+    alpha, gamma = p
+    e = mathfn.exp_nonpositive(-abs(x))
+    r = 1.0 / (1.0 + e)
+    prob = r if x >= 0 else e * r
+    positive = x if x > 0 else 0.0
+    ce = mathfn.log1p_unit(e) + positive - x * y
+    q = 1.0 - (prob * y + (1.0 - prob) * (1.0 - y))
+    weight = alpha * y + (1.0 - alpha) * (1.0 - y) if alpha >= 0 else 1.0
+    log_q = mathfn.log(q)
+    q_gamma = mathfn.exp_nonpositive(gamma * log_q)
+    q_gamma = q_gamma if gamma != 0 else 1.0
+    q_gamma1 = mathfn.exp((gamma - 1.0) * log_q)
+    q_gamma1 = q_gamma1 if gamma != 1 else 1.0
+    q_gamma2 = mathfn.exp((gamma - 2.0) * log_q)
+    q_gamma2 = q_gamma2 if gamma != 2 else 1.0
+    s1 = prob * (1.0 - prob)
+    dq = -s1 * (2.0 * y - 1.0)  # d q / dx, then d2 q / dx2
+    ddq = dq * (1.0 - 2.0 * prob)
+    # (ce q^g)'' = ce'' q^g + 2 ce' g q^(g-1) q' + ce g ((g-1) q^(g-2) q'^2 + q^(g-1) q'')
+    curve = (gamma - 1.0) * q_gamma2 * dq * dq if (gamma != 1) & (q > 0) else 0.0
+    terms = 2.0 * (prob - y) * q_gamma1 * dq + ce * (curve + q_gamma1 * ddq)
+    return weight * (s1 * q_gamma + (gamma * terms if gamma != 0 else 0.0))
+
+
+KERNEL = Elementwise(focal, hessian=focal_hessian)
 
 
 def _prepare(arrays, options, backend):
