@@ -55,7 +55,7 @@ def signatures(dtype):
         *[
             (
                 rt.elementwise_kernel(k.formula, k.invalid, k.hessian, f"check_{k.__name__}"),
-                (a, a, a, a, p, a, a, a, a, f, scratch),
+                (a, a, a, a, p, a, a, a, a, a, f, scratch),
             )
             for k, p in [
                 (regression.KERNELS["mse_loss"][0], types.UniTuple(f, 1)),
@@ -67,10 +67,18 @@ def signatures(dtype):
         ],
         *[
             (
-                rt.elementwise_kernel(k.formula, k.invalid, k.hessian, f"check_{k.__name__}"),
-                (a, a, a, a, one, a, a, a, a, f, scratch),
+                rt.elementwise_kernel(
+                    k.formula, k.invalid, k.hessian, f"check_{k.__name__}", k.target_grad
+                ),
+                (a, a, a, a, one, a, a, a, a, a, f, scratch),
             )
-            for k in (binary.BCE, binary.LOGITS, binary.SOFT_MARGIN, binary.HINGE_EMBEDDING)
+            for k in (
+                binary.BCE,
+                binary.LOGITS,
+                binary.SOFT_MARGIN,
+                binary.HINGE_EMBEDDING,
+                binary.MARGIN_RANKING,
+            )
         ],
         (
             rt.row_mean_kernel(

@@ -1,6 +1,7 @@
-"""Binary and multi-label losses: ``binary_cross_entropy``,
-``binary_cross_entropy_with_logits`` (family ``"binary"``) and
-``multilabel_soft_margin_loss`` (family ``"multilabel"``), with PyTorch 2.13's semantics.
+"""Binary, multi-label and ranking losses: ``binary_cross_entropy``,
+``binary_cross_entropy_with_logits``, ``soft_margin_loss``, ``hinge_embedding_loss``
+(family ``"binary"``), ``multilabel_soft_margin_loss`` (family ``"multilabel"``) and
+``margin_ranking_loss`` (family ``"ranking"``), with PyTorch 2.13's semantics.
 
 ``weight`` (and ``pos_weight``) broadcast to the input's shape as in PyTorch; a weight that
 is not the input's full shape is materialised to it before the kernel (one copy). ``"mean"``
@@ -147,6 +148,20 @@ def hinge_embedding(x, y, a, p):
     return loss + (x if identity else 0.0), g + (1.0 if identity else 0.0)
 
 
+def margin_ranking(x, y, a, p):
+    """``max(0, margin - t (x1 - x2))`` of inputs ``x1 = x``, ``x2 = y`` and target ``t = a``;
+    the clamp passes the gradient where its argument is >= 0, as PyTorch's."""
+    (margin,) = p
+    m = margin - a * (x - y)
+    return (0.0 if m < 0 else m), (-a if m >= 0 else 0.0)
+
+
+def margin_ranking_input2(x, y, a, p):
+    (margin,) = p
+    return a if margin - a * (x - y) >= 0 else 0.0
+
+
+MARGIN_RANKING = Elementwise(margin_ranking, target_grad=margin_ranking_input2)
 SOFT_MARGIN = Elementwise(soft_margin, hessian=soft_margin_hessian)
 HINGE_EMBEDDING = Elementwise(hinge_embedding)
 #: The default ``margin`` of hinge_embedding_loss.
@@ -227,6 +242,23 @@ def _prepare_hinge_embedding(arrays, options, backend):
     return prepare(arrays, options, backend, params={"margin": margin})
 
 
+def _prepare_margin_ranking(arrays, options, backend):
+    margin = validate.check_real("margin", options["margin"])
+    names = ("input1", "input2", "target")
+    (x1, x2, t), w, dtype, dtypes, shape = validate.elementwise(arrays, names, None, backend)
+    return Prepared(
+        arrays=(x1, x2, w, t),
+        params={"margin": margin},
+        reduction=options["reduction"],
+        denominator=float(math.prod(shape)),
+        value_shape=shape,
+        grad_shapes=(shape, shape),
+        dtype=dtype,
+        result_dtypes=dtypes[:3],
+        backend=backend,
+    )
+
+
 def _prepare_multilabel(arrays, options, backend):
     (x, y), _, dtype, dtypes, shape = validate.elementwise(
         arrays, ("input", "target"), None, backend
@@ -287,6 +319,17 @@ def _ref_hinge_embedding(input, target, margin=1.0, **_):
     return np.where(y != 1, np.maximum(margin - x, 0), 0) + np.where(y != -1, x, 0)
 
 
+def _ref_margin_ranking(input1, input2, target, margin=0.0, **_):
+    x1, x2 = np.asarray(input1, np.float64), np.asarray(input2, np.float64)
+    return np.maximum(margin - np.asarray(target, np.float64) * (x1 - x2), 0)
+
+
+def _example_ranking(rng, size, dtype):
+    shape = _shape(size)
+    x1, x2 = rng.standard_normal((2, *shape)).astype(dtype)
+    return (x1, x2, rng.choice([-1.0, 1.0], shape).astype(dtype)), {"margin": 0.3}
+
+
 def _example_signs(rng, size, dtype):
     shape = _shape(size)
     x = (rng.standard_normal(shape) * 2).astype(dtype)
@@ -294,6 +337,10 @@ def _example_signs(rng, size, dtype):
 
 
 def _soft_labels(rng, arrays, dtype):  # an option set: targets other than +-1 are taken too
+    return {"target": rng.uniform(-1.0, 1.0, np.shape(arrays[0])).astype(dtype)}
+
+
+def _soft_ranking(rng, arrays, dtype):  # targets other than +-1
     return {"target": rng.uniform(-1.0, 1.0, np.shape(arrays[0])).astype(dtype)}
 
 
@@ -423,6 +470,26 @@ SPECS = [
         Output: a scalar for "mean" and "sum"; the input's shape for "none".
 """,
     ),
+    LossSpec(
+        name="margin_ranking_loss",
+        family="ranking",
+        arguments=("input1", "input2", "target"),
+        differentiable=("input1", "input2"),
+        options={"margin": 0.0, "reduction": "mean"},
+        prepare=_prepare_margin_ranking,
+        reference=_ref_margin_ranking,
+        example=_example_ranking,
+        option_sets=({"margin": 0.0}, {"margin": -0.5}, _soft_ranking),
+        doc="""Margin ranking loss: ``max(0, margin - target * (input1 - input2))``, target 1
+    where ``input1`` should rank higher, -1 where ``input2`` should (other values are taken
+    as they are, as PyTorch). Gradients for both inputs: ``-target`` and ``target`` where
+    the clamp's argument is >= 0 (PyTorch's clamp passes the gradient at equality), else 0.
+
+    Shape:
+        input1, input2, target: one shape (lossforge does not broadcast them).
+        Output: a scalar for "mean" and "sum"; the inputs' shape for "none".
+""",
+    ),
 ]
 
 
@@ -438,3 +505,4 @@ def lossforge_kernels():
     yield from LOGITS.specs("multilabel_soft_margin_loss", rows=True)
     yield from SOFT_MARGIN.specs("soft_margin_loss")
     yield from HINGE_EMBEDDING.specs("hinge_embedding_loss", (DEFAULT_HINGE_MARGIN,))
+    yield from MARGIN_RANKING.specs("margin_ranking_loss", (0.0,))

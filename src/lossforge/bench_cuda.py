@@ -62,6 +62,14 @@ def cases(size: int, dtype: Any, classes: int) -> list[Case]:
         Case("poisson_nll_loss", (n,), [floats(n), np.floor(4 * unit(n))], {}, 3 * n * item),
         Case("soft_margin_loss", (n,), [floats(n), signs], {}, 3 * n * item),
         Case("hinge_embedding_loss", (n,), [floats(n), signs], {}, 3 * n * item),
+        Case(
+            "margin_ranking_loss",
+            (n,),
+            [floats(n), floats(n), signs],
+            {},
+            5 * n * item,
+            differentiable=(0, 1),
+        ),
     ]
     out += [
         Case("binary_cross_entropy", (n,), [unit(n), unit(n)], {}, 3 * n * item),

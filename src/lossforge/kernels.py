@@ -66,6 +66,9 @@ class Elementwise:
     """The kernels of an element-wise loss from its formula.
 
     formula: ``(x, y, a, p) -> (loss, d loss / d x)``, see the module docstring.
+    target_grad: optional ``(x, y, a, p) -> d loss / d y``, for a loss whose second
+        argument is differentiable too (``margin_ranking_loss``): ``grads`` then has two
+        buffers.
     hessian: optional ``(x, y, a, p) -> d^2 loss / d x^2``, the Hessian diagonal for
         ``Loss.grad_hess`` (weighted and scaled as the gradient is). Where the true second
         derivative is 0 or undefined (a linear piece, a kink), return what a Newton step
@@ -87,6 +90,7 @@ class Elementwise:
         formula: Formula,
         *,
         hessian: Formula | None = None,
+        target_grad: Formula | None = None,
         native: bool = False,
         wide: tuple[str, ...] = (),
         invalid: Formula | None = None,
@@ -97,6 +101,7 @@ class Elementwise:
             raise TypeError("invalid and error go together")
         self.formula = formula
         self.hessian = hessian
+        self.target_grad = target_grad
         self.native = native
         self.wide = frozenset(np.dtype(d) for d in wide)
         self.invalid = invalid
@@ -113,17 +118,23 @@ class Elementwise:
     @functools.cached_property
     def kernel(self) -> Any:
         """The serial/parallel ``KernelPair`` (compiled on first call, then cached on disk):
-        ``kernel(n, x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide)`` on flat
-        arrays, ``None`` for absent ones, returns the float64 sum of the (weighted) losses."""
+        ``kernel(n, x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, go, scale,
+        wide)`` on flat arrays, ``None`` for absent ones, returns the float64 sum of the
+        (weighted) losses."""
         from lossforge.runtime import cpu
 
         body = cpu.native_elementwise if self.native else cpu.float64_elementwise
-        hessian = cpu.no_hessian if self.hessian is None else cpu.inline(self.hessian)
         return cpu.KernelPair(
             body,
             **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
-            name=_kernel_name(self.formula, body.__name__, self.hessian),
-            namespace={"formula": cpu.inline(self.formula), "hessian": hessian},
+            name=_kernel_name(self.formula, body.__name__, self.hessian, self.target_grad),
+            namespace={
+                "formula": cpu.inline(self.formula),
+                "hessian": cpu.no_hessian if self.hessian is None else cpu.inline(self.hessian),
+                "target_grad": (
+                    cpu.no_hessian if self.target_grad is None else cpu.inline(self.target_grad)
+                ),
+            },
         )
 
     @functools.cached_property
@@ -180,6 +191,7 @@ class Elementwise:
             self._params(p),
             None if loss_out is None else loss_out.ravel(),
             grads[0].ravel() if grads else None,
+            grads[1].ravel() if grads and len(grads) > 1 else None,
             hessians[0].ravel() if hessians else None,
             grad_output.ravel() if grads and grad_output is not None else None,
             scale,
@@ -201,7 +213,9 @@ class Elementwise:
         if self.invalid is not None and self._checks[0](n, x, y):
             return None
         wide = self._wide(x.dtype)
-        total = self.kernel(n, x, y, None, None, params, None, grad, None, None, 1 / n, wide)
+        if self.target_grad is not None:
+            return None  # two gradients: the general path
+        total = self.kernel(n, x, y, None, None, params, None, grad, None, None, None, 1 / n, wide)
         return out.dtype.type(total / n), out
 
     # -- row means (multilabel_soft_margin_loss: each row's value is the mean of its
@@ -236,6 +250,7 @@ class Elementwise:
             self._params(p),
             elements,
             grads[0].ravel() if grads else None,
+            None,
             hessians[0].ravel() if hessians else None,
             go,
             scale / classes,
@@ -261,7 +276,9 @@ class Elementwise:
         rows = x.size // classes
         scale = 1 / rows / classes
         wide = self._wide(x.dtype)
-        total = self.kernel(x.size, x, y, None, None, params, None, grad, None, None, scale, wide)
+        total = self.kernel(
+            x.size, x, y, None, None, params, None, grad, None, None, None, scale, wide
+        )
         return out.dtype.type(total / classes / rows), out
 
     # -- CUDA ----------------------------------------------------------------------------
@@ -275,7 +292,8 @@ class Elementwise:
                 self.formula,
                 self.invalid,
                 self.hessian,
-                _kernel_name(self.formula, f"cuda_{template}", self.hessian),
+                _kernel_name(self.formula, f"cuda_{template}", self.hessian, self.target_grad),
+                **({} if self.target_grad is None else {"target_grad": self.target_grad}),
             )
         return found
 
@@ -308,6 +326,7 @@ class Elementwise:
             self._cuda_params(p),
             rt.flat(loss_out, dtype),
             rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
+            rt.flat(grads[1], dtype) if grads and len(grads) > 1 else rt.nothing(dtype),
             rt.flat(hessians[0], dtype) if hessians else rt.nothing(dtype),
             rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
             float(scale),
@@ -596,13 +615,14 @@ def prepare(
     )
 
 
-def _kernel_name(formula: Formula, template: str, hessian: Formula | None = None) -> str:
+def _kernel_name(formula: Formula, template: str, *extra: Formula | None) -> str:
     """A kernel's name: its template, its formula (and Hessian), and a digest of the
     formula's module source. Numba's disk cache keys a kernel on the template's file and this
     name; the digest makes an edited formula (or a helper beside it) a new kernel instead of
     a stale hit."""
-    if hessian is not None:
-        template = f"{template}_{hessian.__name__}"
+    for other in extra:  # the Hessian and target-gradient formulas, where given
+        if other is not None:
+            template = f"{template}_{other.__name__}"
     module = sys.modules.get(formula.__module__)
     try:
         source = inspect.getsource(module) if module is not None else ""
@@ -613,7 +633,8 @@ def _kernel_name(formula: Formula, template: str, hessian: Formula | None = None
 
 
 def unspecialised(*args: Any) -> Any:
-    """What a template body's formula names (``formula``, ``hessian``, ``invalid``,
+    """What a template body's formula names (``formula``, ``hessian``, ``target_grad``,
+    ``invalid``,
     ``terms``, ``row``, ``grads``, ``store``) stand for until ``clone`` gives them a loss's
     functions."""
     raise NotImplementedError("a template body runs only as a formula's kernel")

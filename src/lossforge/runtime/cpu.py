@@ -34,6 +34,7 @@ from lossforge.kernels import unspecialised as grads
 from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as target_grad
 from lossforge.kernels import unspecialised as terms
 from lossforge.runtime import mathfn
 
@@ -184,8 +185,9 @@ def no_hessian(x, y, a, p):
 
 @numba.njit(inline="always", **JIT_OPTIONS)
 def finish_hessian(k, h, ws, hs, gos, scale):
-    """Element ``k``'s Hessian diagonal ``h`` weighted and scaled as ``finish_element`` does
-    its gradient; nothing when there is no Hessian to write (``hs`` is ``None``)."""
+    """Element ``k``'s Hessian diagonal (or target gradient) ``h`` weighted and scaled as
+    ``finish_element`` does its gradient; nothing when there is none to write (``hs`` is
+    ``None``)."""
     if hs is not None:
         if ws is not None:
             h *= ws[k]
@@ -316,14 +318,16 @@ def _at(values, k, absent):
     return values[k]
 
 
-def float64_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide):
+def float64_elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, go, scale, wide):
     """An element-wise formula in float64 over flat arrays (absent ones ``None``, compiled
     out): the loss of element ``k`` of every ``TILE``-element tile of a chunk goes to running
     sum ``k`` (adds along a vector, not across it; whole tiles run a loop of constant length,
     which vectorizes without a remainder loop), ``tree_sum`` adds the 64 sums at the chunk's
     end. ``wide``: ``True`` for 512-bit vectors, ``None`` not (a None argument is pruned
-    before lowering: two compilations of one body). ``hess_out``: the Hessian diagonal, from
-    the ``hessian`` formula, for ``grad_hess`` (``None`` otherwise, compiled out)."""
+    before lowering: two compilations of one body). ``grad2_out``: the gradient with respect
+    to the target, from the ``target_grad`` formula; ``hess_out``: the Hessian diagonal, from
+    the ``hessian`` formula, for ``grad_hess`` (each ``None`` when not wanted, compiled
+    out)."""
     n = x.size
     chunks = (n + CHUNK - 1) // CHUNK
     partials = np.empty(chunks)
@@ -342,6 +346,7 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, 
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
             hs = None if hess_out is None else hess_out[lo:hi]
+            g2s = None if grad2_out is None else grad2_out[lo:hi]
             gos = None if go is None else go[lo:hi]
             for t0 in range(0, xs.size, TILE):
                 for k in range(TILE):
@@ -352,6 +357,8 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, 
                     loss, g = formula(xj, yj, aj, p)
                     if hs is not None:
                         finish_hessian(j, hessian(xj, yj, aj, p), ws, hs, gos, scale)
+                    if g2s is not None:
+                        finish_hessian(j, target_grad(xj, yj, aj, p), ws, g2s, gos, scale)
                     sums[k] += finish_element(j, loss, g, ws, ls, gs, gos, scale)
         for k in range(end - whole):  # under 64 elements
             j = whole + k
@@ -361,12 +368,14 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, 
             loss, g = formula(xj, yj, aj, p)
             if hess_out is not None:
                 finish_hessian(j, hessian(xj, yj, aj, p), w, hess_out, go, scale)
+            if grad2_out is not None:
+                finish_hessian(j, target_grad(xj, yj, aj, p), w, grad2_out, go, scale)
             sums[k] += finish_element(j, loss, g, w, loss_out, grad_out, go, scale)
         partials[c] = tree_sum(sums)
     return ordered_sum(partials)
 
 
-def native_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, wide):
+def native_elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, go, scale, wide):
     """An element-wise formula in the input's precision over flat arrays (float32 runs 16
     lanes a vector): a block's losses, stored in that precision (a float64 store in the loop
     would halve its vector width), are widened and summed by ``widened_sum``; the chunk adds
@@ -392,12 +401,15 @@ def native_elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, w
             ls = None if loss_out is None else loss_out[lo:hi]
             gs = None if grad_out is None else grad_out[lo:hi]
             hs = None if hess_out is None else hess_out[lo:hi]
+            g2s = None if grad2_out is None else grad2_out[lo:hi]
             gos = None if go is None else go[lo:hi]
             for k in range(hi - lo):
                 ak = _at(as_, k, one)
                 loss, g = formula(xs[k], ys[k], ak, p)
                 if hs is not None:
                     finish_hessian(k, hessian(xs[k], ys[k], ak, p), ws, hs, gos, scale)
+                if g2s is not None:
+                    finish_hessian(k, target_grad(xs[k], ys[k], ak, p), ws, g2s, gos, scale)
                 losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
             s += widened_sum(losses, hi - lo, buf)
         partials[c] = s

@@ -60,6 +60,7 @@ from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
 from lossforge.kernels import unspecialised as store
+from lossforge.kernels import unspecialised as target_grad
 from lossforge.kernels import unspecialised as terms
 from lossforge.runtime import cache
 
@@ -687,7 +688,7 @@ def _no_hessian(x, y, a, p):
     return math.nan
 
 
-def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, hess_out, go, scale, bad):
+def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad):
     """Element ``i`` through the formula, in float64: its loss and gradient (and Hessian
     diagonal, for ``grad_hess``) written out; returns its (weighted) loss and ``bad``, set to
     ``i`` if the element is the thread's first invalid one (a thread's indices increase: its
@@ -708,10 +709,17 @@ def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, hess_out, go, sca
         if go.size > 0:
             h *= float64(go[i])
         hess_out[i] = h
+    if grad2_out.size > 0:
+        h = target_grad(xi, yi, ai, p) * scale
+        if w.size > 0:
+            h *= float64(w[i])
+        if go.size > 0:
+            h *= float64(go[i])
+        grad2_out[i] = h
     return finish_element(i, loss, g, w, loss_out, grad_out, go, scale), bad
 
 
-def _elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, scratch):
+def _elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, go, scale, scratch):
     """A grid-stride loop, four elements a thread a round, all loaded before the first store:
     a store may alias the next element's input, so the compiler cannot hoist those loads
     itself, and one load pair in flight a thread leaves the memory bus half idle (H200:
@@ -727,34 +735,49 @@ def _elementwise(x, y, w, a, p, loss_out, grad_out, hess_out, go, scale, scratch
     while i + 3 * step < n:
         x0, x1, x2, x3 = x[i], x[i + step], x[i + 2 * step], x[i + 3 * step]
         y0, y1, y2, y3 = y[i], y[i + step], y[i + 2 * step], y[i + 3 * step]
-        loss, bad = store(i, x0, y0, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
+        loss, bad = store(
+            i, x0, y0, a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad
+        )
         acc += loss
         i += step
-        loss, bad = store(i, x1, y1, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
+        loss, bad = store(
+            i, x1, y1, a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad
+        )
         acc += loss
         i += step
-        loss, bad = store(i, x2, y2, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
+        loss, bad = store(
+            i, x2, y2, a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad
+        )
         acc += loss
         i += step
-        loss, bad = store(i, x3, y3, a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
+        loss, bad = store(
+            i, x3, y3, a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad
+        )
         acc += loss
         i += step
     while i < n:
-        loss, bad = store(i, x[i], y[i], a, w, p, loss_out, grad_out, hess_out, go, scale, bad)
+        loss, bad = store(
+            i, x[i], y[i], a, w, p, loss_out, grad_out, grad2_out, hess_out, go, scale, bad
+        )
         acc += loss
         i += step
     write_partials(sa, sb, scratch, acc, bad)
 
 
-def elementwise_kernel(formula: Any, invalid: Any, hessian: Any, name: str) -> Any:
-    """The CUDA kernel of an element-wise formula (and its optional domain check and
-    Hessian diagonal)."""
+def elementwise_kernel(
+    formula: Any, invalid: Any, hessian: Any, name: str, target_grad: Any = None
+) -> Any:
+    """The CUDA kernel of an element-wise formula (and its optional domain check, Hessian
+    diagonal and gradient with respect to the target)."""
     from lossforge.kernels import clone
 
     namespace = {
         "formula": device_formula(formula, f"{name}_formula"),
         "invalid": _valid if invalid is None else device_formula(invalid, f"{name}_invalid"),
         "hessian": _no_hessian if hessian is None else device_formula(hessian, f"{name}_hess"),
+        "target_grad": (
+            _no_hessian if target_grad is None else device_formula(target_grad, f"{name}_dy")
+        ),
     }
     store_ = device(clone(_elementwise_store, f"{name}_store", namespace))
     return kernel(clone(_elementwise, name, {"store": store_}))
