@@ -722,11 +722,13 @@ def test_kernels_compile_for_the_cuda_target():
 
 @pytest.mark.skipif(not SIMULATOR, reason="checks the refusal under the simulator")
 def test_cuda_benchmark_refuses_the_simulator(capsys):
+    from lossforge.plugins import DEFAULT_PLUGINS
+
     from lossforge import bench_cuda
 
     assert bench_cuda.main(["--size", "1000"]) == 2
     assert "needs a real GPU" in capsys.readouterr().err
-    builtin = {"regression", "binary", "multiclass", "similarity"}  # not an installed plugin's
+    builtin = {name for name, _ in DEFAULT_PLUGINS}  # not an installed plugin's
     assert {c.name for c in bench_cuda.cases(1000, np.dtype(np.float32), 10)} == {
         name for name in lf.list_losses() if lf.get(name).plugin in builtin
     }

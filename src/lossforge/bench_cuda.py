@@ -121,6 +121,30 @@ def cases(size: int, dtype: Any, classes: int) -> list[Case]:
             differentiable=(0, 1),
         )
     )
+    return out + _from_examples({c.name for c in out}, size, dtype, rng)
+
+
+def _from_examples(covered: set[str], size: int, dtype: Any, rng: Any) -> list[Case]:
+    """A case for every other built-in loss with a CUDA kernel, from its ``LossSpec.example``
+    with the default options (as the CPU bench takes them): its arrays read once, each
+    gradient written once."""
+    import numpy as np
+
+    import lossforge
+    from lossforge.plugins import DEFAULT_PLUGINS
+
+    builtin = {name for name, _ in DEFAULT_PLUGINS}
+    out = []
+    for name in lossforge.list_losses():
+        loss = lossforge.get(name)
+        if name in covered or loss.plugin not in builtin or loss.spec.example is None:
+            continue
+        if "cuda" not in loss.backends:
+            continue
+        arrays, _ = loss.spec.example(rng, size, np.dtype(dtype))
+        positions = tuple(loss.arguments.index(d) for d in loss.differentiable)
+        moved = sum(a.nbytes for a in arrays) + sum(arrays[i].nbytes for i in positions)
+        out.append(Case(name, np.shape(arrays[0]), list(arrays), {}, moved, positions))
     return out
 
 
@@ -150,7 +174,9 @@ def _torch_runner(case: Case, torch: Any) -> Callable[[], Any] | None:
             t.requires_grad_(True)
         tensors.append(t)
     wanted = [tensors[i] for i in case.differentiable]
-    function = getattr(F, case.name)
+    function = getattr(F, case.name, None)
+    if function is None:  # a loss PyTorch does not have
+        return None
 
     def run() -> None:
         value = function(*tensors, **case.options)
