@@ -31,9 +31,10 @@ the input's shape as in memory) take the input's chunks. Rows are never split: f
 ``cross_entropy``/``nll_loss`` the class axis (axis 1, or the whole of a 1-D input), for
 ``multilabel_soft_margin_loss`` and ``cosine_embedding_loss`` the last axis, for
 ``cosine_similarity`` the ``dim`` axis. When such an axis of the input has more than one
-chunk, the input is rechunked with that axis in one chunk and its other axes ``"auto"`` under
-a limit of the input's largest chunk in bytes (or one row, if larger), so chunks stay about
-the size the caller chose; an input already whole along it keeps its chunks. Class weights
+chunk, the input is rechunked with that axis in one chunk, the other axes' chunks kept but for
+axis 0, cut into chunks of as many rows as fit in the size of the input's largest chunk (at
+least one row), so chunks stay about the size the caller chose; an input already whole along
+it keeps its chunks. Class weights
 (``weight`` of ``cross_entropy``/``nll_loss``) go whole to every chunk. A third-party loss is
 taken as element-wise. ``cosine_similarity`` takes ``x1`` and ``x2`` of one shape (broadcast
 them first); its gradient with ``grad_output`` of the value's shape.
@@ -389,14 +390,19 @@ def _is_array(value: Any) -> bool:
 
 
 def _rows_whole(x: Any, whole: Sequence[int]) -> Any:
-    """``x`` with the ``whole`` axes in one chunk: the other axes ``"auto"``, chunks at
-    most the largest of ``x``'s in bytes, or one row."""
+    """``x`` with the ``whole`` axes in one chunk; the other axes keep their chunks, but
+    axis 0, which is cut into chunks of as many rows as fit in the byte size of ``x``'s
+    largest chunk (at least one)."""
     if all(len(x.chunks[a]) == 1 for a in whole):
         return x
-    largest = math.prod(max(c, default=0) for c in x.chunks) * x.dtype.itemsize
-    row = math.prod(x.shape[a] for a in whole) * x.dtype.itemsize
-    spec = {a: (-1 if a in whole else "auto") for a in range(x.ndim)}
-    return x.rechunk(spec, block_size_limit=max(largest, row))
+    chunks: list[Any] = [-1 if a in whole else x.chunks[a] for a in range(x.ndim)]
+    if 0 not in whole:
+        largest = math.prod(max(c, default=0) for c in x.chunks)
+        slab = math.prod(
+            x.shape[a] if a in whole else max(x.chunks[a], default=0) for a in range(1, x.ndim)
+        )
+        chunks[0] = max(1, largest // max(slab, 1))
+    return x.rechunk(tuple(chunks))
 
 
 def _aligned(a: Any, x: Any, axes: Sequence[int]) -> Any:
