@@ -1,8 +1,10 @@
 """The losses added from formulas after the first families: poisson_nll_loss,
-soft_margin_loss and hinge_embedding_loss, against PyTorch (its own OpInfo samples too),
-with every option; the conformance kit (tests/test_conformance.py) checks them further."""
+soft_margin_loss, hinge_embedding_loss and kl_div, against PyTorch (its own OpInfo samples
+too), with every option; the conformance kit (tests/test_conformance.py) checks them further."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -57,7 +59,10 @@ def test_matches_torch(name, options, reduction, dtype, shape, rng):
     assert np.asarray(value).dtype == dtype and grad.dtype == dtype
 
 
-@pytest.mark.parametrize("name", ["poisson_nll_loss", "soft_margin_loss", "hinge_embedding_loss"])
+@pytest.mark.parametrize(
+    "name", ["poisson_nll_loss", "soft_margin_loss", "hinge_embedding_loss", "kl_div"]
+)
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 def test_pytorch_opinfo_samples(name):
     ran = 0
     for (x, y), options in torch_samples(name):
@@ -119,3 +124,100 @@ def test_fast_path_is_the_general_path(name, dtype, rng):
     x, y = _inputs(name, rng, (100,), dtype, {})
     assert lf.get(name)._registry.fast_path(name) is not None
     assert_fast_path_is_general_path(name, (x, y), {"reduction": "mean"})
+
+
+# -- kl_div ---------------------------------------------------------------------------------
+def _kl_inputs(rng, shape, dtype, log_target):
+    x = np.log(rng.uniform(0.05, 1.0, shape))  # log-probabilities (not normalised: any works)
+    y = rng.uniform(0.0, 1.0, shape)
+    if np.size(y):
+        y.reshape(-1)[::4] = 0.0  # xlogy(0, 0) = 0
+    if log_target:
+        y = np.log(y + 0.1)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def _torch_quietly(name, arrays, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch_value_and_grad(name, arrays, **options)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "batchmean"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 4, 5), (0, 3)])
+def test_kl_div_matches_torch(log_target, reduction, dtype, shape, rng):
+    x, y = _kl_inputs(rng, shape, dtype, log_target)
+    options = {"reduction": reduction, "log_target": log_target}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value, grad = lf.kl_div.value_and_grad(x, y, **options)
+    expected, (expected_grad,) = _torch_quietly("kl_div", (x, y), **options)
+    rtol = rtol_for(dtype) if dtype == np.float64 else 2e-5  # float32: lossforge in float64
+    np.testing.assert_allclose(value, expected, rtol=rtol, atol=1e-6 if dtype == np.float32 else 0)
+    np.testing.assert_allclose(grad, expected_grad, rtol=rtol, atol=1e-7)
+    assert np.asarray(value).dtype == dtype and grad.dtype == dtype
+
+
+def test_kl_div_batchmean_is_the_sum_over_the_first_dimension(rng):
+    x, y = _kl_inputs(rng, (6, 5), np.float64, False)
+    reference = np.where(y == 0, 0.0, y * np.log(np.where(y == 0, 1.0, y))) - y * x
+    batchmean = lf.kl_div(x, y, reduction="batchmean")
+    np.testing.assert_allclose(batchmean, reference.sum() / 6, rtol=1e-13)
+    total, denominator = lf.kl_div.partial(x, y, reduction="batchmean")
+    assert denominator == 6.0 and np.isclose(total / denominator, batchmean, rtol=1e-15)
+    assert lf.kl_div.partial(x, y)[1] == 30.0  # "mean"'s denominator by default
+    grad = lf.kl_div.grad(x, y, reduction="batchmean", grad_output=2.0)
+    np.testing.assert_allclose(grad, -2.0 * y / 6, rtol=1e-15)
+    # a 0-d input: PyTorch divides by nothing
+    assert lf.kl_div(x[0, 0], y[0, 0], reduction="batchmean") == reference[0, 0]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "batchmean"])
+def test_kl_div_warns_as_pytorch_does(reduction):
+    x, y = np.log(np.full(4, 0.25)), np.full(4, 0.25)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        lf.kl_div.value_and_grad(x, y, reduction=reduction)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        torch_value_and_grad("kl_div", (x, y), reduction=reduction)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert [w.category for w in ours] == [w.category for w in theirs]
+    assert len(ours) == (reduction == "mean")
+    assert all(w.filename == __file__ for w in ours)  # points at the caller's line
+
+
+def test_kl_div_bad_input():
+    x = np.zeros(4)
+    with pytest.raises(TypeError, match="log_target must be True or False"):
+        lf.kl_div(x, x, log_target=1, reduction="sum")
+    with pytest.raises(ValueError, match=r"reduction must be one of .*'batchmean', got 'avg'"):
+        lf.kl_div(x, x, reduction="avg")
+    with pytest.raises(ValueError, match="same shape"):
+        lf.kl_div(x, x[:3], reduction="sum")
+    with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum', got"):
+        lf.mse_loss(x, x, reduction="batchmean")  # another loss's own reduction
+
+
+def _cuda_matches_cpu(name, arrays, grad_output=None, **options):
+    """The CUDA kernel (the simulator without a GPU) against the CPU's: value and gradient."""
+    from numba import cuda
+
+    loss = lf.get(name)
+    value, grad = loss.value_and_grad(*arrays, grad_output=grad_output, **options)
+    device = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+    d_value, d_grad = loss.value_and_grad(*device, grad_output=grad_output, **options)
+    d_value = d_value.copy_to_host() if hasattr(d_value, "copy_to_host") else d_value
+    rtol = 1e-12 if np.asarray(value).dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(d_value, value, rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(d_grad.copy_to_host(), grad, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_batchmean_on_cuda(log_target, rng):
+    x, y = _kl_inputs(rng, (5, 3), np.float64, log_target)
+    _cuda_matches_cpu(
+        "kl_div", (x, y), grad_output=0.5, reduction="batchmean", log_target=log_target
+    )

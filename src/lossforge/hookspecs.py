@@ -56,6 +56,11 @@ class LossSpec:
         options that depend on the example's arrays (a weight of the input's shape). Its
         entries update the example's options; one named after an argument replaces that
         array. See ``lossforge.testing``.
+    reductions: the loss's reductions beyond ``"none" | "mean" | "sum"`` (kl_div's
+        ``"batchmean"``), each a mean over a denominator of its own: ``prepare`` receives the
+        name in ``options["reduction"]`` and returns a ``Prepared`` with reduction
+        ``"mean"`` and that denominator, so that kernels and ``Loss`` know only the three.
+        ``Loss.partial`` given one returns its denominator (by default ``"mean"``'s).
     """
 
     name: str
@@ -69,6 +74,7 @@ class LossSpec:
     doc: str = ""
     example_variants: tuple[Mapping[str, Any], ...] = ()
     option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
+    reductions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
