@@ -218,7 +218,9 @@ def _cuda_matches_cpu(name, arrays, grad_output=None, **options):
     d_value = d_value.copy_to_host() if hasattr(d_value, "copy_to_host") else d_value
     rtol = 1e-12 if np.asarray(value).dtype == np.float64 else 1e-5
     np.testing.assert_allclose(d_value, value, rtol=rtol, atol=1e-12)
-    np.testing.assert_allclose(d_grad.copy_to_host(), grad, rtol=rtol, atol=1e-12)
+    grads, d_grads = (grad, d_grad) if isinstance(grad, tuple) else ((grad,), (d_grad,))
+    for g, d in zip(grads, d_grads, strict=True):
+        np.testing.assert_allclose(d.copy_to_host(), g, rtol=rtol, atol=1e-12)
 
 
 @pytest.mark.parametrize("log_target", [False, True])
@@ -395,3 +397,76 @@ def test_extras_fast_path_is_the_general_path(name, dtype, rng):
     x, y = _extra_inputs(name, rng, (100,), dtype)
     assert lf.get(name)._registry.fast_path(name) is not None
     assert_fast_path_is_general_path(name, (x, y), {"reduction": "mean"})
+
+
+# -- cosine_similarity broadcasting its inputs, as PyTorch does -----------------------------
+BROADCAST = [
+    ((1, 6), (5, 6), 1),  # one query row against many
+    ((6,), (5, 6), -1),
+    ((5, 6), (6,), 1),
+    ((3, 1, 4), (1, 5, 4), -1),
+    ((3, 1, 4), (1, 5, 4), 0),  # along a broadcast dimension, moved to rows
+    ((2, 1), (2, 3), 0),
+]
+
+
+@needs_torch
+@pytest.mark.parametrize(("shape1", "shape2", "dim"), BROADCAST)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_similarity_broadcasts_as_pytorch(shape1, shape2, dim, dtype, rng):
+    x1 = rng.standard_normal(shape1).astype(dtype)
+    x2 = rng.standard_normal(shape2).astype(dtype)
+    value = lf.cosine_similarity(x1, x2, dim=dim)
+    go = rng.standard_normal(value.shape).astype(dtype)
+    before = (x1.copy(), x2.copy())
+    value, (g1, g2) = lf.cosine_similarity.value_and_grad(x1, x2, dim=dim, grad_output=go)
+    expected, (e1, e2) = torch_value_and_grad(
+        "cosine_similarity", (x1, x2), (0, 1), grad_output=go, dim=dim
+    )
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    # atol: an input broadcast along dim is a direction the cosine ignores, its gradient a
+    # sum that cancels to 0 (float32 rounding, PyTorch's and lossforge's alike)
+    atol = 1e-9 if dtype == np.float64 else 5e-5
+    np.testing.assert_allclose(value, expected, rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(g1, e1, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(g2, e2, rtol=rtol, atol=atol)
+    assert g1.shape == shape1 and g2.shape == shape2 and g1.dtype == g2.dtype == dtype
+    assert np.array_equal(x1, before[0]) and np.array_equal(x2, before[1])
+    outs = (np.empty(shape1, dtype), np.empty(shape2, dtype))
+    _, got = lf.cosine_similarity.value_and_grad(x1, x2, dim=dim, grad_output=go, out=outs)
+    assert got[0] is outs[0] and np.array_equal(got[0], g1) and np.array_equal(got[1], g2)
+
+
+def test_cosine_similarity_broadcast_float16_and_mixed_dtypes(rng):
+    x1 = rng.standard_normal((1, 4))
+    x2 = rng.standard_normal((3, 4)).astype(np.float32)
+    value, (g1, g2) = lf.cosine_similarity.value_and_grad(x1, x2)
+    assert value.dtype == np.float64 and g1.dtype == np.float64 and g2.dtype == np.float32
+    value, (g1, g2) = lf.cosine_similarity.value_and_grad(x1.astype(np.float16), x2)
+    assert value.dtype == np.float32 and g1.dtype == np.float16 and g1.shape == (1, 4)
+
+
+def test_cosine_similarity_refuses_shapes_that_do_not_broadcast():
+    with pytest.raises(ValueError, match=r"x1 of shape \(2, 3\) and x2 of shape \(4, 3\) do not"):
+        lf.cosine_similarity(np.ones((2, 3)), np.ones((4, 3)))
+    with pytest.raises(IndexError, match="dim 2 is out of range"):
+        lf.cosine_similarity(np.ones((1, 3)), np.ones((4, 3)), dim=2)
+
+
+def test_cosine_similarity_broadcast_is_the_same_for_any_thread_count(rng):
+    from lossforge.runtime.cpu import threads
+
+    x1 = rng.standard_normal((1, 64))
+    x2 = rng.standard_normal((4096, 64))  # above the parallel threshold
+    results = []
+    for n in (1, 2):
+        with threads(n):
+            value, (g1, g2) = lf.cosine_similarity.value_and_grad(x1, x2)
+        results.append((value.tobytes(), g1.tobytes(), g2.tobytes()))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(("shape1", "shape2", "dim"), [BROADCAST[0], BROADCAST[4]])
+def test_cosine_similarity_broadcast_on_cuda(shape1, shape2, dim, rng):
+    x1, x2 = rng.standard_normal(shape1), rng.standard_normal(shape2)
+    _cuda_matches_cpu("cosine_similarity", (x1, x2), dim=dim)
