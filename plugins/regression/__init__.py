@@ -1,4 +1,7 @@
-"""The regression family: ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``.
+"""The regression family: ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``,
+``poisson_nll_loss``, and three losses PyTorch does not have: ``log_cosh_loss``,
+``pinball_loss`` (quantile regression) and ``tweedie_loss`` (XGBoost's and LightGBM's);
+``kl_div`` (family ``"divergence"``).
 
 A built-in plugin, registered through the same hooks as any other; its kernels are made from
 the four formulas below by ``lossforge.kernels.Elementwise``.
@@ -10,7 +13,10 @@ broadcasts with a warning; lossforge refuses with ``ValueError``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+from fractions import Fraction
 
 import numpy as np
 
@@ -115,6 +121,18 @@ def poisson_nll_hessian(x, y, a, p):
 
 LOG_TWO_PI = math.log(2.0 * math.pi)
 
+
+def kl_div(x, y, a, p):
+    """p = (log_target,) as 1.0 or 0.0. PyTorch's pointwise ``xlogy(y, y) - y x`` (0 where
+    ``y == 0``, nan for ``y < 0``), or ``exp(y) (y - x)`` for a log target; gradient ``-y``
+    or ``-exp(y)``."""
+    (log_target,) = p
+    ylogy = 0.0 if y == 0 else y * mathfn.log(y)  # nan y fails the test and stays nan
+    ey = mathfn.exp(y)
+    loss = ylogy - y * x if log_target == 0 else ey * (y - x)
+    return loss, (-y if log_target == 0 else -ey)
+
+
 # 512-bit vectors for float32 smooth L1 and Huber (10^6 in cache: 15-38% faster, 10^7:
 # 3-18%); not for MSE and L1, whose elements are the cheapest (MSE 5% slower at 10^7, L1 5%
 # at 10^6 and 10^7), nor for float64 input, where all four measured 6-25% slower.
@@ -131,6 +149,132 @@ KERNELS = {
         (1.0, 0.0, DEFAULT_POISSON_EPS),
     ),
 }
+KL_DIV = Elementwise(kl_div)
+
+
+def log_cosh(x, y, a, p):
+    """``log(cosh(d))`` as ``|d| + log1p(exp(-2|d|)) - log 2`` (no overflow for large
+    ``|d|``), gradient ``tanh(d) = sign(d) (1 - e) / (1 + e)`` with ``e = exp(-2|d|)``; both
+    from their Taylor series below ``|d| = 1/8``, where those forms cancel (the series' first
+    omitted term is below 1e-17 relative there)."""
+    d = x - y
+    ad = abs(d)
+    e = mathfn.exp_nonpositive(-2.0 * ad)
+    z = d * d
+    t = T8
+    c = T8 / 16.0
+    t = t * z + T7
+    c = c * z + T7 / 14.0
+    t = t * z + T6
+    c = c * z + T6 / 12.0
+    t = t * z + T5
+    c = c * z + T5 / 10.0
+    t = t * z + T4
+    c = c * z + T4 / 8.0
+    t = t * z + T3
+    c = c * z + T3 / 6.0
+    t = t * z + T2
+    c = c * z + T2 / 4.0
+    t = t * z + 1.0  # T1
+    c = c * z + 0.5
+    small = ad < 0.125
+    loss = c * z if small else ad + mathfn.log1p(e) - LOG_TWO
+    g = t * ad if small else (1.0 - e) / (1.0 + e)
+    return loss, (-g if d < 0 else g)
+
+
+def _tanh_coefficients(terms):
+    """Of ``tanh(d) = sum_n T_n d**(2n - 1)``: ``2**2n (2**2n - 1) B_2n / (2n)!``, with
+    Bernoulli numbers B_2n; ``log(cosh(d)) = sum_n T_n / 2n d**2n`` is its integral."""
+    bernoulli = [(1, 6), (-1, 30), (1, 42), (-1, 30), (5, 66), (-691, 2730), (7, 6), (-3617, 510)]
+    return [
+        float(Fraction(4**n * (4**n - 1) * b, d * math.factorial(2 * n)))
+        for n, (b, d) in enumerate(bernoulli[:terms], 1)
+    ]
+
+
+T1, T2, T3, T4, T5, T6, T7, T8 = _tanh_coefficients(8)
+LOG_TWO = math.log(2.0)
+
+
+def pinball(x, y, a, p):
+    """p = (quantile,). ``max(q d, (q - 1) d)`` with ``d = target - input``; gradient ``-q``
+    where ``d > 0``, ``1 - q`` where ``d < 0``, and at ``d = 0`` the subdifferential's
+    midpoint ``0.5 - q`` (PyTorch's autograd of ``torch.maximum`` at a tie)."""
+    (q,) = p
+    d = y - x
+    loss = q * d if d >= 0 else (q - 1.0) * d
+    g = -q if d > 0 else 0.5 - q
+    return loss, (1.0 - q if d < 0 else g)
+
+
+def tweedie(x, y, a, p):
+    """p = (power,). The input is the log of the mean: ``-y exp((1-p) x) / (1-p) +
+    exp((2-p) x) / (2-p)``, gradient ``-y exp((1-p) x) + exp((2-p) x)``."""
+    (power,) = p
+    u = mathfn.exp((1.0 - power) * x)
+    v = mathfn.exp((2.0 - power) * x)
+    return v / (2.0 - power) - y * u / (1.0 - power), v - y * u
+
+
+def negative_target(x, y):
+    return y < 0
+
+
+def negative_target_error(index, x, y):
+    return ValueError(f"tweedie_loss target must be non-negative, found {float(y)!r}")
+
+
+#: The defaults of pinball_loss's ``quantile`` and tweedie_loss's ``power`` (XGBoost's
+#: ``tweedie_variance_power``, LightGBM's default too).
+DEFAULT_QUANTILE, DEFAULT_POWER = 0.5, 1.5
+KERNELS["log_cosh_loss"] = (Elementwise(log_cosh), ())
+KERNELS["pinball_loss"] = (Elementwise(pinball), (DEFAULT_QUANTILE,))
+KERNELS["tweedie_loss"] = (
+    Elementwise(tweedie, invalid=negative_target, error=negative_target_error),
+    (DEFAULT_POWER,),
+)
+
+
+def _open_interval(name, value, lo, hi):
+    value = validate.check_real(name, value)
+    if not lo < value < hi:  # also rejects nan
+        raise ValueError(f"{name} must be in the open interval ({lo}, {hi}), got {value!r}")
+    return value
+
+
+def _prepare_log_cosh(arrays, options, backend):
+    return prepare(arrays, options, backend)
+
+
+def _prepare_pinball(arrays, options, backend):
+    quantile = _open_interval("quantile", options["quantile"], 0.0, 1.0)
+    return prepare(arrays, options, backend, params={"quantile": quantile})
+
+
+def _prepare_tweedie(arrays, options, backend):
+    power = _open_interval("power", options["power"], 1.0, 2.0)
+    return prepare(arrays, options, backend, params={"power": power})
+
+
+#: PyTorch 2.13's warning for kl_div's "mean" (UserWarning, every call that asks for it).
+KL_DIV_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def _prepare_kl_div(arrays, options, backend):
+    reduction = options["reduction"]
+    if reduction == "mean":  # stacklevel: the caller of Loss.__call__/grad/value_and_grad
+        warnings.warn(KL_DIV_MEAN_WARNING, UserWarning, stacklevel=5)
+    log_target = float(validate.check_bool("log_target", options["log_target"]))
+    p = prepare(arrays, options, backend, params={"log_target": log_target})
+    if reduction == "batchmean":  # a mean over the first dimension (LossSpec.reductions)
+        p.reduction = "mean"
+        p.denominator = float(p.value_shape[0]) if p.value_shape else 1.0
+    return p
 
 
 def _prepare_poisson(arrays, options, backend):
@@ -195,6 +339,56 @@ def _ref_poisson(input, target, log_input=True, full=False, eps=1e-8, **_):
             stirling = y * np.log(y) - y + 0.5 * np.log(2 * np.pi * y)
             loss = loss + np.where(y > 1, stirling, 0.0)
     return loss
+
+
+def _ref_kl_div(input, target, log_target=False, **_):
+    x, y = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    if log_target:
+        return np.exp(y) * (y - x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(y == 0, 0.0, y * np.log(y)) - y * x
+
+
+def _example_kl_div(rng, size, dtype):
+    """Log-probabilities against probabilities, rows of 8 (a few exact zeros among them)."""
+    shape = (size // 8, 8) if size >= 8 else (size,)
+    x = rng.standard_normal(shape)
+    x = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    y = rng.random(shape) * (rng.random(shape) > 0.1)
+    y = y / np.maximum(y.sum(axis=-1, keepdims=True), 1e-12)
+    return (x.astype(dtype), y.astype(dtype)), {}
+
+
+def _log_target(rng, arrays, dtype):  # an option set: the target given as log-probabilities
+    y = np.maximum(np.asarray(arrays[1], np.float64), 1e-3)
+    return {"log_target": True, "target": np.log(y).astype(dtype)}
+
+
+def _ref_log_cosh(input, target, **_):
+    d = np.asarray(input, np.float64) - np.asarray(target, np.float64)
+    return np.logaddexp(d, -d) - np.log(2.0)  # cosh overflows from |d| = 710
+
+
+def _ref_pinball(input, target, quantile=DEFAULT_QUANTILE, **_):
+    d = np.asarray(target, np.float64) - np.asarray(input, np.float64)
+    return np.maximum(quantile * d, (quantile - 1) * d)
+
+
+def _ref_tweedie(input, target, power=DEFAULT_POWER, **_):
+    x, y = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    return np.exp((2 - power) * x) / (2 - power) - y * np.exp((1 - power) * x) / (1 - power)
+
+
+def _large_differences(rng, arrays, dtype):  # an option set: |d| far beyond cosh's range
+    return {"input": (np.asarray(arrays[0]) * 300).astype(dtype)}
+
+
+def _example_tweedie(rng, size, dtype):
+    """Log-means against compound Poisson-gamma targets (exact zeros, then positive)."""
+    shape = (size // 8, 8) if size >= 8 else (size,)
+    x = rng.standard_normal(shape) * 0.5
+    y = rng.poisson(1.0, shape) * rng.gamma(2.0, 0.5, shape)
+    return (x.astype(dtype), y.astype(dtype)), {}
 
 
 def _example_poisson(rng, size, dtype):
@@ -322,6 +516,87 @@ SPECS = [
     ``1 - target / (input + eps)``. ``"mean"`` divides by the element count.
 {_SHAPE_NO_WEIGHT}""",
     ),
+    LossSpec(
+        name="log_cosh_loss",
+        family="regression",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"reduction": "mean"},
+        prepare=_prepare_log_cosh,
+        reference=_ref_log_cosh,
+        example=_example,
+        option_sets=(_large_differences,),
+        doc=f"""Log-cosh loss (Keras's ``log_cosh``, not in PyTorch): ``log(cosh(d))`` with
+    ``d = input - target``, computed as ``|d| + log1p(exp(-2|d|)) - log 2`` so that it stays
+    finite for any finite ``d``: about ``d**2 / 2`` for small ``|d|``, ``|d| - log 2`` for large.
+    Gradient: ``tanh(d)``. ``"mean"`` divides by the element count.
+{_SHAPE_NO_WEIGHT}""",
+    ),
+    LossSpec(
+        name="pinball_loss",
+        family="regression",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"quantile": DEFAULT_QUANTILE, "reduction": "mean"},
+        prepare=_prepare_pinball,
+        reference=_ref_pinball,
+        example=_example,
+        option_sets=({"quantile": 0.1}, {"quantile": 0.9}),
+        doc=f"""Pinball (quantile) loss for the ``quantile`` q in (0, 1) (scikit-learn's
+    ``mean_pinball_loss``, LightGBM's ``quantile``): ``max(q d, (q - 1) d)`` with
+    ``d = target - input``; its minimiser is the q-quantile of the target. Gradient: ``-q``
+    where the input is below the target, ``1 - q`` above, and ``0.5 - q`` where they are equal
+    (the middle of the subgradients, as PyTorch's autograd gives for ``torch.maximum``; for
+    q = 0.5 the loss is half ``l1_loss`` and that gradient is 0, as ``l1_loss``'s).
+    ``"mean"`` divides by the element count.
+{_SHAPE_NO_WEIGHT}""",
+    ),
+    LossSpec(
+        name="tweedie_loss",
+        family="regression",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"power": DEFAULT_POWER, "reduction": "mean"},
+        prepare=_prepare_tweedie,
+        reference=_ref_tweedie,
+        example=_example_tweedie,
+        option_sets=({"power": 1.1}, {"power": 1.9}),
+        doc=f"""Tweedie negative log-likelihood for ``power`` p in (1, 2) (compound
+    Poisson-gamma: claims, rainfall, sales with many exact zeros). As XGBoost's
+    ``reg:tweedie`` and LightGBM's ``tweedie``, the input is the log of the predicted mean
+    (a raw score; the mean is ``exp(input)``):
+    ``loss = exp((2 - p) x) / (2 - p) - y exp((1 - p) x) / (1 - p)``, the likelihood's terms
+    that depend on the prediction (XGBoost's ``tweedie-nloglik`` metric; the terms of the
+    target alone are left out, so the loss is not 0 at its minimum ``x = log y``).
+    Gradient: ``exp((2 - p) x) - y exp((1 - p) x)``. The target must be >= 0: a negative
+    one is a ``ValueError`` (XGBoost refuses it too). ``"mean"`` divides by the element count.
+{_SHAPE_NO_WEIGHT}""",
+    ),
+    LossSpec(
+        name="kl_div",
+        family="divergence",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={"reduction": "mean", "log_target": False},
+        reductions=("batchmean",),
+        prepare=_prepare_kl_div,
+        reference=_ref_kl_div,
+        example=_example_kl_div,
+        option_sets=(_log_target,),
+        doc=f"""Kullback-Leibler divergence of ``target`` from the distribution whose
+    log-probabilities are ``input``, pointwise as PyTorch 2.13:
+    ``xlogy(target, target) - target * input`` (0 where ``target == 0``), or, with
+    ``log_target``, ``exp(target) * (target - input)``. Gradient (for ``input`` only):
+    ``-target``, or ``-exp(target)``.
+
+    ``reduction``: ``"batchmean"`` divides the sum by the size of the first dimension (the
+    batch; 1 for a 0-d input): the KL divergence per sample, what most callers want.
+    ``"mean"`` (the default, as in PyTorch) divides by the element count and warns, with
+    PyTorch's ``UserWarning``, that it does; ``"sum"``, ``"none"`` as usual.
+    ``partial(..., reduction="batchmean")`` returns the batch size as the denominator. With
+    the default ``"mean"`` every call takes the general path (it warns), not the fast lane.
+{_SHAPE_NO_WEIGHT}""",
+    ),
 ]
 
 
@@ -334,3 +609,5 @@ def lossforge_losses():
 def lossforge_kernels():
     for name, (kernel, defaults) in KERNELS.items():
         yield from kernel.specs(name, defaults)
+    for spec in KL_DIV.specs("kl_div"):  # no fast lane: the default "mean" warns
+        yield dataclasses.replace(spec, fast=None)

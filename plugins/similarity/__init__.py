@@ -1,11 +1,14 @@
 """The similarity family: ``cosine_similarity`` and ``cosine_embedding_loss``, with
 PyTorch 2.13's semantics; gradients for both inputs.
 
-The two inputs must have the same shape (PyTorch broadcasts them; lossforge refuses with
-``ValueError``). The kernels work on rows along the reduced dimension, made by
-``lossforge.kernels.Rowwise`` from the row formulas below: for ``cosine_similarity`` with
-``dim`` not the last dimension, the inputs are moved to rows first (one copy) and the
-gradients moved back.
+``cosine_similarity`` broadcasts ``x1`` and ``x2`` as PyTorch does (one query row against
+many: ``(1, D)`` or ``(D)`` against ``(N, D)``); the broadcast input is materialised (one
+copy) and its gradient is summed over the broadcast dimensions back to its own shape, as
+autograd does (on CUDA that sum is taken on the host, one round trip; inputs of one shape
+need none). ``cosine_embedding_loss`` requires inputs of one shape. The kernels work on rows
+along the reduced dimension, made by ``lossforge.kernels.Rowwise`` from the row formulas
+below: for ``cosine_similarity`` with ``dim`` not the last dimension, the inputs are moved to
+rows first (one copy) and the gradients moved back.
 """
 
 from __future__ import annotations
@@ -79,31 +82,85 @@ EMBEDDING = Rowwise(dot_and_norms, embedding, pair_grads, params=("margin",))
 
 def _cosine_similarity(kernel):
     """The KernelSpec function of cosine_similarity on one backend: rows moved from ``dim``
-    (``p.params["moved"]``, the moved shape, else None) get gradients moved back."""
+    (``p.params["moved"]``, the moved shape, else None) get gradients moved back, and the
+    gradient of an input broadcast to ``p.params["broadcast"]`` (else None) is summed back to
+    the input's shape."""
 
     def run(p, loss_out, grads, grad_output, scale):
-        moved, dim = p.params["moved"], p.params["dim"]
-        if not grads or moved is None:
+        moved, dim, full = p.params["moved"], p.params["dim"], p.params["broadcast"]
+        if not grads or (moved is None and full is None):
             return kernel(p, loss_out, grads, grad_output, scale)
         rows = tuple(dispatch.empty(p.arrays[0].shape, p.dtype, p.backend) for _ in grads)
         total = kernel(p, loss_out, rows, grad_output, scale)
         for final, rows_grad in zip(grads, rows):
-            moved_back = validate.moveaxis(rows_grad.reshape(moved), -1, dim, p.backend)
-            dispatch.copy_into(final, moved_back, p.backend)
+            if moved is not None:
+                grad = validate.moveaxis(rows_grad.reshape(moved), -1, dim, p.backend)
+            else:
+                grad = rows_grad.reshape(full)
+            if full is not None and tuple(final.shape) != full:
+                _sum_into(final, grad, p.backend)
+            else:
+                dispatch.copy_into(final, grad, p.backend)
         return total
 
     return run
 
 
+def _sum_into(final, grad, backend):
+    """``final[...] = grad`` summed over the dimensions it was broadcast along (in float64,
+    NumPy's pairwise sum: the same bits for any thread count); on CUDA through the host."""
+    host = grad if backend == "cpu" else dispatch.cuda_runtime().to_host(grad)
+    lead = host.ndim - final.ndim
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(final.shape) if n == 1 and host.shape[lead + i] != 1
+    )
+    summed = np.sum(host, axis=axes, dtype=np.float64).reshape(final.shape).astype(final.dtype)
+    if backend == "cpu":
+        final[...] = summed
+    else:
+        final.copy_to_device(summed, stream=dispatch.cuda_runtime().stream())
+
+
+def _broadcast_pair(arrays, backend):
+    """``validate.elementwise`` for two inputs that broadcast together: (the inputs
+    materialised to the common shape, compute dtype, dtypes, common shape, the broadcast
+    shape or None when both already have it)."""
+    if backend == "cpu" and validate.ready_arrays(arrays) is not None:  # kept cheap
+        (x1, x2), _, dtype, dtypes, shape = validate.elementwise(
+            arrays, ("x1", "x2"), None, backend
+        )
+        return x1, x2, dtype, dtypes, shape, None
+    raw = [validate.as_array(a, backend) for a in arrays]
+    shapes = [tuple(a.shape) for a in raw]
+    if shapes[0] == shapes[1]:
+        (x1, x2), _, dtype, dtypes, shape = validate.elementwise(raw, ("x1", "x2"), None, backend)
+        return x1, x2, dtype, dtypes, shape, None
+    input_dtypes = [validate.float_dtype(n, a) for n, a in zip(("x1", "x2"), raw)]
+    try:
+        shape = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ValueError(
+            f"x1 of shape {shapes[0]} and x2 of shape {shapes[1]} do not broadcast together"
+        ) from None
+    dtype, result = validate.compute_dtype(*input_dtypes)
+    x1, x2 = (
+        validate.as_float(n, validate.broadcast_to(a, shape, backend), dtype, backend)
+        for n, a in zip(("x1", "x2"), raw)
+    )
+    return x1, x2, dtype, (result, *input_dtypes), shape, shape
+
+
 def _prepare_cosine_similarity(arrays, options, backend):
-    (x1, x2), _, dtype, dtypes, shape = validate.elementwise(arrays, ("x1", "x2"), None, backend)
+    x1, x2, dtype, dtypes, shape, full = _broadcast_pair(arrays, backend)
+    grad_shapes = (tuple(np.shape(arrays[0])), tuple(np.shape(arrays[1])))
+    grad_shapes = (shape, shape) if full is None else grad_shapes
     dim = validate.check_int("dim", options["dim"])
     eps = validate.check_nonnegative("eps", options["eps"])
     ndim = len(shape)
     if ndim == 0 and dim in (-1, 0):  # PyTorch treats a 0-d input as one element along dim
         return Prepared(
             arrays=(x1.reshape(1, 1), x2.reshape(1, 1), None),
-            params={"eps": eps, "moved": None, "dim": 0},
+            params={"eps": eps, "moved": None, "dim": 0, "broadcast": None},
             reduction=None,
             denominator=1.0,
             value_shape=(),
@@ -130,11 +187,11 @@ def _prepare_cosine_similarity(arrays, options, backend):
         x2 = validate.as_float("x2", x2, dtype, backend).reshape(-1, size)
     return Prepared(
         arrays=(x1, x2, None),
-        params={"eps": eps, "moved": moved, "dim": dim},
+        params={"eps": eps, "moved": moved, "dim": dim, "broadcast": full},
         reduction=None,
         denominator=1.0,
         value_shape=shape[:dim] + shape[dim + 1 :],
-        grad_shapes=(shape, shape),
+        grad_shapes=grad_shapes,
         dtype=dtype,
         result_dtypes=dtypes,
         backend=backend,
@@ -232,8 +289,9 @@ SPECS = [
     ``grad`` returns ``(d/dx1, d/dx2)``; ``grad_output`` has the value's shape.
 
     Shape:
-        x1, x2: the same shape, any number of dimensions; ``dim`` in [-ndim, ndim).
-        Output: the inputs' shape without ``dim``.
+        x1, x2: shapes that broadcast together (PyTorch's rules), any number of
+            dimensions; ``dim`` in [-ndim, ndim) of the broadcast shape.
+        Output: the broadcast shape without ``dim``. Gradients: each input's own shape.
 """,
     ),
     LossSpec(

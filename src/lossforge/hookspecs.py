@@ -61,6 +61,11 @@ class LossSpec:
         true value, 0, would make a Newton step infinite): e.g. the curvature of the loss's
         quadratic piece everywhere. The conformance kit then checks it against finite
         differences as a bound.
+    reductions: the loss's reductions beyond ``"none" | "mean" | "sum"`` (kl_div's
+        ``"batchmean"``), each a mean over a denominator of its own: ``prepare`` receives the
+        name in ``options["reduction"]`` and returns a ``Prepared`` with reduction
+        ``"mean"`` and that denominator, so that kernels and ``Loss`` know only the three.
+        ``Loss.partial`` given one returns its denominator (by default ``"mean"``'s).
     """
 
     name: str
@@ -75,6 +80,7 @@ class LossSpec:
     example_variants: tuple[Mapping[str, Any], ...] = ()
     option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
     hessian_bound: bool = False
+    reductions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

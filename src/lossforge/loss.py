@@ -38,6 +38,7 @@ class Loss:
         self.differentiable = tuple(spec.differentiable)
         self.options = MappingProxyType(dict(spec.options))
         self.reduced = "reduction" in spec.options
+        self._reductions = (*validate.REDUCTIONS, *spec.reductions)
         self.__doc__ = spec.doc
         self.__name__ = spec.name
         self.__signature__ = inspect.Signature(
@@ -111,10 +112,13 @@ class Loss:
 
     def partial(self, *arrays: Any, **options: Any) -> tuple[float, float]:
         """``(total, denominator)`` as float64: the summed (weighted) losses and what
-        ``"mean"`` divides them by. Chunks of a large input combine by adding pairs."""
+        ``"mean"`` divides them by, or, given one of the loss's own reductions
+        (``reduction="batchmean"`` for kl_div), what that one divides by. Chunks of a large
+        input combine by adding pairs."""
         if not self.reduced:
             raise TypeError(f"{self.name} is not a reduced loss and has no partial reduction")
-        options["reduction"] = "sum"
+        if options.get("reduction") not in self.spec.reductions:
+            options["reduction"] = "sum"
         p, kernel = self._prepare(arrays, options)
         total = self._kernel_call(kernel, p, None, None, None, 1.0)
         return float(total), float(p.denominator)
@@ -139,8 +143,8 @@ class Loss:
                     f"{self.name}() got an unexpected keyword argument {sorted(unknown)[0]!r}"
                 )
             opts = {**self._defaults, **options}
-        if self.reduced and opts["reduction"] not in validate.REDUCTIONS:
-            validate.check_reduction(opts["reduction"])
+        if self.reduced and opts["reduction"] not in self._reductions:
+            validate.check_reduction(opts["reduction"], self.spec.reductions)
         backend = dispatch.backend_of(arrays, forced)
         if hessian:
             kernel = self._hessians.get(backend)

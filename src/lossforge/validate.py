@@ -29,8 +29,11 @@ class Prepared:
     params: the kernel's parameters by name (``{"delta": 1.0}``): plain floats and ints, so
         that compiled signatures stay few; a formula-made kernel (``lossforge.kernels``)
         takes them as a float tuple in this order.
-    reduction: ``"none" | "mean" | "sum"``, or ``None`` for a loss that is not reduced.
-    denominator: what ``"mean"`` divides by (element count, or summed weights).
+    reduction: ``"none" | "mean" | "sum"``, or ``None`` for a loss that is not reduced. A
+        loss's own reductions (``LossSpec.reductions``, e.g. kl_div's ``"batchmean"``) are
+        means: its ``prepare`` returns ``"mean"`` with their denominator.
+    denominator: what ``"mean"`` divides by (element count, or summed weights; the batch
+        size for ``"batchmean"``).
     value_shape: the shape of the unreduced value.
     grad_shapes: the shape of each gradient, in the order of ``LossSpec.differentiable``.
     dtype: the compute dtype (float32 or float64).
@@ -49,10 +52,13 @@ class Prepared:
     backend: str = "cpu"
 
 
-def check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
+def check_reduction(reduction: object, extra: Sequence[str] = ()) -> str:
+    """``reduction`` if it is one of ``REDUCTIONS`` or of a loss's own ``extra`` reductions
+    (``LossSpec.reductions``), else ``ValueError`` naming the valid values."""
+    valid = (*REDUCTIONS, *extra)
+    if reduction not in valid:
         raise ValueError(
-            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}"
+            f"reduction must be one of {', '.join(map(repr, valid))}, got {reduction!r}"
         )
     return reduction  # type: ignore[return-value]
 
