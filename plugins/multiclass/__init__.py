@@ -239,6 +239,11 @@ SPECS = [
     For probability targets ``y``: ``loss = -sum_c w_c y'_c log_softmax(z)_c`` with
     ``y' = (1 - e) y + e / C``. Gradient: ``A softmax(z) - a`` where ``a`` are the
     coefficients of ``-log_softmax(z)_c`` above and ``A = sum_c a_c``.
+
+    ``grad_hess``: the Hessian's diagonal, ``A p_c (1 - p_c)`` with ``p = softmax(z)``,
+    scaled like the gradient (0 for an ignored target). This is the exact diagonal, what
+    scikit-learn's ``HalfMultinomialLoss`` gives; the boosting libraries scale it
+    (XGBoost by 2, LightGBM by ``C / (C - 1)``): ``lossforge.boosting`` does that for them.
 """
         + _SHAPE.format(probs="; or probabilities of the input's shape (float)"),
     ),
@@ -268,7 +273,17 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
+    # nll_loss is linear in its input: no Hessian (a zero one would make Newton steps infinite)
+    cpu, cuda = "lossforge.plugins.multiclass.cpu", "lossforge.plugins.multiclass.cuda"
     for name in ("cross_entropy", "nll_loss"):
-        cpu = "lossforge.plugins.multiclass.cpu"
-        yield KernelSpec(name, "cpu", f"{cpu}:{name}", fast=f"{cpu}:fast_{name}")
-        yield KernelSpec(name, "cuda", f"lossforge.plugins.multiclass.cuda:{name}")
+        hessian = name == "cross_entropy"
+        yield KernelSpec(
+            name,
+            "cpu",
+            f"{cpu}:{name}",
+            fast=f"{cpu}:fast_{name}",
+            hessian=f"{cpu}:{name}_hessian" if hessian else None,
+        )
+        yield KernelSpec(
+            name, "cuda", f"{cuda}:{name}", hessian=f"{cuda}:{name}_hessian" if hessian else None
+        )
