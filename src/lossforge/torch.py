@@ -105,7 +105,10 @@ def _array(t: Any) -> Any:
         raise TypeError(f"lossforge.torch runs on CPU and CUDA tensors, got a {kind} tensor")
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
         t = t.float()
-    return t.resolve_conj().resolve_neg().numpy()
+    try:
+        return t.numpy()
+    except RuntimeError:  # a conjugate or negative view (a bit set, not applied)
+        return t.resolve_conj().resolve_neg().numpy()
 
 
 def _tensor(x: Any, like: torch.Tensor) -> torch.Tensor:
