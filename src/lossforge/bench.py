@@ -20,6 +20,16 @@ module, which the core must not hold (a third-party loss would have had none). T
 so its time beside a fused float32 value-and-gradient would compare different work; it is
 the conformance kit's yardstick for correctness, not a peer.
 
+``--adapter torch`` / ``--adapter jax`` (repeatable) adds a second table: each case's
+forward + backward through the framework adapter (``lossforge.torch``: ``apply`` then
+``torch.autograd.grad``; ``lossforge.jax``: ``jax.jit(jax.value_and_grad(...))``) beside the
+bare ``value_and_grad`` *without* ``out=`` (an autograd step gets a new gradient each time,
+so that is what the bridge is measured against: ``bridge`` is its overhead) and the
+framework's own loss (``torch.nn.functional.<name>``; for JAX, ``_JAX_OWN``: cross entropy
+with ``jax.nn.log_softmax``, the one loss it has here). JAX's own runs on XLA's thread pool,
+whatever the row's thread count. ``python -m lossforge bench --loss cross_entropy --adapter
+torch --adapter jax`` gives the cross-entropy rows at the bench shapes.
+
 ``--example KEY=VALUE`` (repeatable) replaces the declared variants with one keyword set for
 every selected loss, e.g. ``--loss cross_entropy --sizes 640 --example classes=10`` for
 (64, 10) logits; a loss whose ``example`` does not take it is left out with a message.
@@ -62,6 +72,7 @@ from lossforge import inputs
 DEFAULT_SIZES = (10**6, 10**7)
 QUICK_SIZES = (10**5,)
 PEERS = ("torch",)
+ADAPTERS = ("torch", "jax")
 
 TRIAD_N = 10**7  # float64 elements per triad array: 80 MB, far beyond any cache
 
@@ -127,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, help="seconds of calls per figure (default 0.5)")
     p.add_argument("--repeat", type=int, help="at least this many timed repeats (default 5)")
     p.add_argument("--skip", action="append", choices=PEERS, default=[], help="leave out a peer")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        choices=ADAPTERS,
+        default=[],
+        help="also time lossforge.torch / lossforge.jax forward + backward (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="one small size, few repeats")
     p.add_argument("--json", metavar="PATH", help="write the raw figures here")
     p.add_argument("--seed", type=int, default=0)
@@ -209,6 +227,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat if args.repeat is not None else (3 if args.quick else 5),
         "max_repeat": 20 if args.quick else 200,
         "peers": [p for p in PEERS if p not in args.skip],
+        "adapters": list(dict.fromkeys(args.adapter)),
         "seed": args.seed,
     }
 
@@ -348,10 +367,121 @@ def run(plan: dict[str, Any], progress: Callable[[str], None] = _stderr) -> dict
                     ratio = theirs["median_s"] / ours["median_s"]
                     row["torch"] = {**theirs, **check, "ratio": ratio}
                 report["results"].append(row)
+            for adapter in plan.get("adapters", ()):
+                report.setdefault("adapters", []).extend(
+                    _adapter_rows(adapter, loss, arrays, label, plan, timing, progress)
+                )
     finally:
         if torch is not None:
             torch.set_num_threads(torch_threads)
     return report
+
+
+# -- the adapters ---------------------------------------------------------------------------
+def _adapter_rows(
+    adapter: str,
+    loss: Any,
+    arrays: tuple[np.ndarray, ...],
+    label: str,
+    plan: dict[str, Any],
+    timing: dict[str, Any],
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Rows of the adapters' table for one case: the bare ``value_and_grad`` (a new gradient
+    each call), the step through ``lossforge.<adapter>``, and the framework's own step."""
+    from lossforge.runtime.cpu import threads as numba_threads
+
+    try:
+        ours, own = _ADAPTER_STEPS[adapter](loss, arrays, progress)
+    except ImportError as exc:
+        progress(f"  (lossforge.{adapter} cannot run: {exc}; its rows are left out)")
+        return []
+    torch = _optional("torch")
+    rows = []
+    for t in plan["threads"]:
+        progress(f"  {t} thread(s): lossforge.{adapter} ...")
+        with numba_threads(t):
+            bare = functools.partial(loss.value_and_grad, *arrays)
+            bare()
+            ours()
+            row: dict[str, Any] = {
+                "loss": loss.name,
+                "adapter": adapter,
+                "label": label,
+                "shape": list(arrays[0].shape),
+                "threads": t,
+                "bare": measure(bare, **timing),
+                "adapter_step": measure(ours, **timing),
+                "own": None,
+            }
+            if own is not None:
+                if adapter == "torch" and torch is not None:
+                    before = torch.get_num_threads()
+                    torch.set_num_threads(t)
+                try:
+                    row["own"] = measure(own, **timing)
+                finally:
+                    if adapter == "torch" and torch is not None:
+                        torch.set_num_threads(before)
+        row["bridge"] = row["adapter_step"]["median_s"] / row["bare"]["median_s"] - 1
+        if row["own"] is not None:
+            row["own"]["ratio"] = row["own"]["median_s"] / row["adapter_step"]["median_s"]
+        rows.append(row)
+    return rows
+
+
+def _torch_steps(loss: Any, arrays: tuple[np.ndarray, ...], progress: Callable[[str], None]):
+    import torch
+
+    import lossforge.torch as lft
+
+    ours = _torch_impl(torch, loss, arrays, progress, functools.partial(lft.apply, loss))
+    own = _torch_impl(torch, loss, arrays, progress)
+    assert ours is not None
+    return ours, own
+
+
+# JAX's own version of a loss, for the adapters' table (JAX itself has no loss functions).
+_JAX_OWN: dict[str, Callable[..., Any]] = {}
+
+
+def _jax_own_cross_entropy(z: Any, y: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    kept = y != -100  # ignore_index
+    logp = jax.nn.log_softmax(z, axis=1)
+    picked = jnp.take_along_axis(logp, jnp.where(kept, y, 0)[:, None], axis=1)[:, 0]
+    return -jnp.where(kept, picked, 0.0).sum() / kept.sum()
+
+
+_JAX_OWN["cross_entropy"] = _jax_own_cross_entropy
+
+
+def _jax_steps(loss: Any, arrays: tuple[np.ndarray, ...], progress: Callable[[str], None]):
+    import jax
+    import jax.numpy as jnp
+
+    import lossforge.jax as lfj
+
+    args = [jnp.asarray(a) for a in arrays]
+    argnums = tuple(inputs.positions(loss))
+
+    def scalar(f: Callable[..., Any]) -> Callable[..., Any]:
+        return f if loss.reduced else (lambda *a: f(*a).sum())
+
+    def step(f: Callable[..., Any]) -> Callable[[], Any]:
+        compiled = jax.jit(jax.value_and_grad(scalar(f), argnums=argnums))
+        return lambda: jax.block_until_ready(compiled(*args))
+
+    ours = step(functools.partial(lfj.apply, loss))
+    own = _JAX_OWN.get(loss.name)
+    if own is not None and arrays[0].ndim != 2:
+        own = None
+    return ours, None if own is None else step(own)
+
+
+_ADAPTER_STEPS = {"torch": _torch_steps, "jax": _jax_steps}
 
 
 def _optional(module: str) -> Any:
@@ -413,14 +543,20 @@ def _compare(value: Any, grads: tuple[np.ndarray, ...], theirs: Any, dtype: str)
 
 # -- the peer ---------------------------------------------------------------------------------
 def _torch_impl(
-    torch: Any, loss: Any, arrays: tuple[np.ndarray, ...], progress: Callable[[str], None]
+    torch: Any,
+    loss: Any,
+    arrays: tuple[np.ndarray, ...],
+    progress: Callable[[str], None],
+    fn: Callable[..., Any] | None = None,
 ) -> Callable[[], tuple[Any, tuple[Any, ...]]] | None:
-    """``torch.nn.functional.<name>`` forward + ``torch.autograd.grad`` on the same arrays
-    (default options), as a callable returning ``(value, gradients)``; ``None`` when PyTorch
-    has no such function or cannot run it on these arrays (said through ``progress``)."""
+    """``torch.nn.functional.<name>`` (or ``fn``) forward + ``torch.autograd.grad`` on the
+    same arrays (default options), as a callable returning ``(value, gradients)``; ``None``
+    when PyTorch has no such function or cannot run it on these arrays (said through
+    ``progress``)."""
     import torch.nn.functional as F
 
-    fn = getattr(F, loss.name, None)
+    if fn is None:
+        fn = getattr(F, loss.name, None)
     if fn is None:
         return None
     tensors = [torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a) for a in arrays]
@@ -451,6 +587,43 @@ def _time(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def _adapter_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["loss", "shape", "thr", "value_and_grad", "adapter", "bridge", "framework's own"]
+    cells = [header]
+    for r in rows:
+        own = r["own"]
+        cells.append(
+            [
+                r["loss"],
+                r["label"],
+                str(r["threads"]),
+                _time(r["bare"]["median_s"]),
+                f"lossforge.{r['adapter']} {_time(r['adapter_step']['median_s'])}",
+                f"{r['bridge']:+.0%}",
+                "-"
+                if own is None
+                else f"{r['adapter']} {_time(own['median_s'])} {own['ratio']:.1f}x",
+            ]
+        )
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "adapters: forward + backward through the framework's autograd (a new gradient per "
+        "step), beside the bare value_and_grad without out= and the framework's own loss"
+    ]
+    for row in cells:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if 2 <= i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+    lines.append(
+        "bridge: the adapter's time / value_and_grad's - 1. Nx: the framework's own time / the "
+        "adapter's (> 1: the adapter is faster)."
+    )
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -495,6 +668,8 @@ def format_table(report: dict[str, Any]) -> str:
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ).rstrip()
         )
+    if report.get("adapters"):
+        lines += ["", *_adapter_table(report["adapters"])]
     lines += [
         "",
         "time: median of one call. GB/s: bytes a fused pass moves (inputs read once, gradient "
