@@ -70,6 +70,10 @@ def cases(size: int, dtype: Any, classes: int) -> list[Case]:
             5 * n * item,
             differentiable=(0, 1),
         ),
+        Case("kl_div", (n,), [floats(n), unit(n)], {"reduction": "batchmean"}, 3 * n * item),
+        Case("log_cosh_loss", (n,), [floats(n), floats(n)], {}, 3 * n * item),
+        Case("pinball_loss", (n,), [floats(n), floats(n)], {"quantile": 0.9}, 3 * n * item),
+        Case("tweedie_loss", (n,), [floats(n), np.floor(4 * unit(n))], {}, 3 * n * item),
     ]
     out += [
         Case("binary_cross_entropy", (n,), [unit(n), unit(n)], {}, 3 * n * item),
