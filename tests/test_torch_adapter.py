@@ -322,6 +322,11 @@ def test_strided_tensors():
     expected.backward()
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(x.grad, x2.grad)
+    # a NumPy target beside a tensor input, with the gradient computed in backward
+    x.grad = x2.grad = None
+    lft.mse_loss(x, t.numpy(), reduction="none").sum().backward()
+    F.mse_loss(x2, t, reduction="none").sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
 
 
 def test_errors_are_lossforges():

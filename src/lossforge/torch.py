@@ -49,7 +49,7 @@ it, only ``import lossforge.torch`` does.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -123,7 +123,7 @@ def _tensor(x: Any, like: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _like(tensors: tuple[Any, ...]) -> torch.Tensor:
+def _like(tensors: Sequence[Any]) -> torch.Tensor:
     """The tensor whose device (and bfloat16) a loss's value takes: the first argument."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
@@ -131,7 +131,7 @@ def _like(tensors: tuple[Any, ...]) -> torch.Tensor:
     raise TypeError("lossforge.torch takes tensors; lossforge itself takes NumPy arrays")
 
 
-def _grad_tensors(loss: Loss, grads: Any, tensors: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+def _grad_tensors(loss: Loss, grads: Any, tensors: Sequence[Any]) -> tuple[torch.Tensor, ...]:
     """lossforge's gradient(s) as tensors, each like its argument."""
     grads = (grads,) if len(loss.differentiable) == 1 else grads
     like = [tensors[loss.arguments.index(d)] for d in loss.differentiable]
@@ -175,7 +175,10 @@ class LossFunction(torch.autograd.Function):
         arrays = [_array(t) for t in tensors]
         opts = {k: _array(v) for k, v in options.items()}
         ctx.loss, ctx.options = loss, opts
-        ctx.save_for_backward(*tensors)
+        # tensors are saved (autograd checks they are not modified in place before backward);
+        # anything else lossforge takes (a NumPy target) is kept as it is
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
+        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in tensors]
         ctx.grads = None
         if _is_reduced(loss, opts):
             value, grads = loss.value_and_grad(*arrays, **opts)
@@ -199,7 +202,7 @@ class LossFunction(torch.autograd.Function):
 @once_differentiable
 def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
     loss, opts = ctx.loss, ctx.options
-    tensors = ctx.saved_tensors
+    tensors = [o if t is None else t for t, o in zip(ctx.saved_tensors, ctx.others)]
     wanted = [ctx.needs_input_grad[2 + loss.arguments.index(d)] for d in loss.differentiable]
     grads, ctx.grads = ctx.grads, None  # handed to autograd: never kept and scaled in place
     if grads is not None:
