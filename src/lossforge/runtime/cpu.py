@@ -184,10 +184,10 @@ def no_hessian(x, y, a, p):
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
-def finish_hessian(k, h, ws, hs, gos, scale):
-    """Element ``k``'s Hessian diagonal (or target gradient) ``h`` weighted and scaled as
-    ``finish_element`` does its gradient; nothing when there is none to write (``hs`` is
-    ``None``)."""
+def finish_derivative(k, h, ws, hs, gos, scale):
+    """Element ``k``'s second output ``h`` (Hessian diagonal, or gradient with respect to the
+    target) weighted and scaled as ``finish_element`` does the gradient; nothing when there
+    is none to write (``hs`` is ``None``)."""
     if hs is not None:
         if ws is not None:
             h *= ws[k]
@@ -356,9 +356,9 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, 
                     aj = np.float64(_at(as_, j, 1.0))
                     loss, g = formula(xj, yj, aj, p)
                     if hs is not None:
-                        finish_hessian(j, hessian(xj, yj, aj, p), ws, hs, gos, scale)
+                        finish_derivative(j, hessian(xj, yj, aj, p), ws, hs, gos, scale)
                     if g2s is not None:
-                        finish_hessian(j, target_grad(xj, yj, aj, p), ws, g2s, gos, scale)
+                        finish_derivative(j, target_grad(xj, yj, aj, p), ws, g2s, gos, scale)
                     sums[k] += finish_element(j, loss, g, ws, ls, gs, gos, scale)
         for k in range(end - whole):  # under 64 elements
             j = whole + k
@@ -367,9 +367,9 @@ def float64_elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, 
             aj = np.float64(_at(a, j, 1.0))
             loss, g = formula(xj, yj, aj, p)
             if hess_out is not None:
-                finish_hessian(j, hessian(xj, yj, aj, p), w, hess_out, go, scale)
+                finish_derivative(j, hessian(xj, yj, aj, p), w, hess_out, go, scale)
             if grad2_out is not None:
-                finish_hessian(j, target_grad(xj, yj, aj, p), w, grad2_out, go, scale)
+                finish_derivative(j, target_grad(xj, yj, aj, p), w, grad2_out, go, scale)
             sums[k] += finish_element(j, loss, g, w, loss_out, grad_out, go, scale)
         partials[c] = tree_sum(sums)
     return ordered_sum(partials)
@@ -407,9 +407,9 @@ def native_elementwise(x, y, w, a, p, loss_out, grad_out, grad2_out, hess_out, g
                 ak = _at(as_, k, one)
                 loss, g = formula(xs[k], ys[k], ak, p)
                 if hs is not None:
-                    finish_hessian(k, hessian(xs[k], ys[k], ak, p), ws, hs, gos, scale)
+                    finish_derivative(k, hessian(xs[k], ys[k], ak, p), ws, hs, gos, scale)
                 if g2s is not None:
-                    finish_hessian(k, target_grad(xs[k], ys[k], ak, p), ws, g2s, gos, scale)
+                    finish_derivative(k, target_grad(xs[k], ys[k], ak, p), ws, g2s, gos, scale)
                 losses[k] = finish_element(k, loss, g, ws, ls, gs, gos, scale)
             s += widened_sum(losses, hi - lo, buf)
         partials[c] = s

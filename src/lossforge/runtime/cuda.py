@@ -464,6 +464,18 @@ def finish_element(i, loss, g, w, loss_out, grad_out, go, scale):
 
 
 @device
+def finish_derivative(i, d, w, out, go, scale):
+    """Element ``i``'s second output (Hessian diagonal, or gradient with respect to the
+    target) weighted and scaled as ``finish_element`` does the gradient."""
+    d *= scale
+    if w.size > 0:
+        d *= float64(w[i])
+    if go.size > 0:
+        d *= float64(go[i])
+    out[i] = d
+
+
+@device
 def group_sum(sh, tid, lane, lanes, value):
     """The sum of ``value`` over the ``lanes`` threads of this thread's group (threads
     ``tid - lane`` to ``tid - lane + lanes - 1``), by a fixed tree, returned to every lane.
@@ -703,19 +715,9 @@ def _elementwise_store(i, xi, yi, a, w, p, loss_out, grad_out, grad2_out, hess_o
     else:
         loss, g = formula(xi, yi, ai, p)
     if hess_out.size > 0:
-        h = hessian(xi, yi, ai, p) * scale
-        if w.size > 0:
-            h *= float64(w[i])
-        if go.size > 0:
-            h *= float64(go[i])
-        hess_out[i] = h
+        finish_derivative(i, hessian(xi, yi, ai, p), w, hess_out, go, scale)
     if grad2_out.size > 0:
-        h = target_grad(xi, yi, ai, p) * scale
-        if w.size > 0:
-            h *= float64(w[i])
-        if go.size > 0:
-            h *= float64(go[i])
-        grad2_out[i] = h
+        finish_derivative(i, target_grad(xi, yi, ai, p), w, grad2_out, go, scale)
     return finish_element(i, loss, g, w, loss_out, grad_out, go, scale), bad
 
 
