@@ -222,3 +222,18 @@ def test_bench_adapter_rows_and_asv_benchmark():
         b.time_jax(*params)
     finally:
         b.teardown(*params)
+
+
+def test_cpu_calls_are_xla_ffi_calls_and_runtime_errors_come_back():
+    (x, t), _ = example("cross_entropy")
+    f = jax.jit(jax.value_and_grad(lambda x, t: lfj.cross_entropy(x, t)))
+    text = f.lower(x, t).as_text()
+    assert "lossforge_cross_entropy_value_and_grad" in text and "callback" not in text
+    bad = np.array(t).copy()
+    bad[0] = x.shape[1]  # a class index out of range, found by the kernel at run time
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"INVALID_ARGUMENT: IndexError.*"):
+        jax.block_until_ready(f(x, bad))
+    v, g = f(x, t)  # the handler still works after an error
+    expected, h = lf.cross_entropy.value_and_grad(np.asarray(x), np.asarray(t))
+    np.testing.assert_allclose(v, expected, rtol=1e-12)
+    np.testing.assert_allclose(g, h, rtol=1e-12)

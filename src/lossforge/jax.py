@@ -11,10 +11,11 @@ lfj.apply("huber_loss", x, y, delta=0.5)  # any registered loss, by name
 
 How a call runs:
 
-- The CPU kernels are called through ``jax.pure_callback``: JAX hands them host NumPy views
-  of its arrays, and the result is returned to the traced computation. Under ``jax.jit`` the
-  callback is one opaque node of the compiled program; XLA cannot fuse into it. Arrays on an
-  accelerator are copied to the host and back by JAX (the callback is a CPU kernel).
+- On the CPU the kernels are called through an XLA FFI call (``runtime.xla_ffi``): they read
+  XLA's input buffers and write into its output buffers, no copy either way. Under
+  ``jax.jit`` the call is one opaque node of the compiled program; XLA cannot fuse into it.
+  On another platform the call is a ``jax.pure_callback``, and JAX copies the arrays to the
+  host and back (the kernels are CPU kernels).
 - A ``"mean"``/``"sum"`` loss under ``jax.grad``/``jax.value_and_grad`` computes value and
   gradient in one fused callback in the forward pass and scales the gradient by the
   cotangent in the backward pass. ``reduction="none"`` and losses that are not reduced
@@ -48,6 +49,7 @@ import numpy as np
 
 import lossforge as lf
 from lossforge.loss import Loss
+from lossforge.runtime import xla_ffi
 
 try:
     import jax
@@ -105,33 +107,30 @@ def _function(name: str, static: tuple[tuple[str, Any], ...], dynamic: tuple[str
     def options(args: tuple[Any, ...]) -> dict[str, Any]:
         return {**dict(static), **dict(zip(dynamic, args[n:]))}
 
+    def grads_out(rets: list[np.ndarray]) -> Any:
+        return rets[0] if len(where) == 1 else tuple(rets)
+
+    def fill_value(a: list[np.ndarray], rets: list[np.ndarray]) -> None:
+        rets[0][...] = loss(*a[:n], **options(a))
+
+    def fill_value_and_grad(a: list[np.ndarray], rets: list[np.ndarray]) -> None:
+        rets[0][...] = loss.value_and_grad(*a[:n], out=grads_out(rets[1:]), **options(a))[0]
+
+    def fill_grad(a: list[np.ndarray], rets: list[np.ndarray]) -> None:
+        loss.grad(*a[:n], grad_output=a[-1], out=grads_out(rets), **options(a[:-1]))
+
+    value_call = _host_call(fill_value, f"{name}_value")
+    value_and_grad_call = _host_call(fill_value_and_grad, f"{name}_value_and_grad")
+    grad_call = _host_call(fill_grad, f"{name}_grad")
+
     def value(*args: Any) -> Any:
-        shapes = _shapes(loss, static, dynamic, args)
-        return jax.pure_callback(
-            lambda *a: np.asarray(loss(*a[:n], **options(a)), shapes[0].dtype),
-            shapes[0],
-            *args,
-            vmap_method="sequential",
-        )
+        return value_call(_shapes(loss, static, dynamic, args)[:1], *args)[0]
 
     def value_and_grad(*args: Any) -> Any:
-        shapes = _shapes(loss, static, dynamic, args)
-
-        def host(*a: Any) -> tuple[Any, ...]:
-            v, g = loss.value_and_grad(*a[:n], **options(a))
-            g = (g,) if len(where) == 1 else g
-            return (np.asarray(v, shapes[0].dtype), *g)
-
-        return jax.pure_callback(host, shapes, *args, vmap_method="sequential")
+        return value_and_grad_call(_shapes(loss, static, dynamic, args), *args)
 
     def grad(args: tuple[Any, ...], cotangent: Any) -> Any:
-        shapes = _shapes(loss, static, dynamic, args)[1:]
-
-        def host(*a: Any) -> tuple[Any, ...]:
-            g = loss.grad(*a[:n], grad_output=a[-1], **options(a[:-1]))
-            return (g,) if len(where) == 1 else tuple(g)
-
-        return jax.pure_callback(host, shapes, *args, cotangent, vmap_method="sequential")
+        return grad_call(_shapes(loss, static, dynamic, args)[1:], *args, cotangent)
 
     f = jax.custom_vjp(value)
 
@@ -167,10 +166,36 @@ def _function(name: str, static: tuple[tuple[str, Any], ...], dynamic: tuple[str
     return f
 
 
+def _host_call(
+    fill: Callable[[list[np.ndarray], list[np.ndarray]], None], stem: str
+) -> Callable[..., tuple[jax.Array, ...]]:
+    """``call(shapes, *args)``: the results of ``fill(args, rets)`` (NumPy views of the
+    arguments, read-only, and of the results, which it writes) run on the host. On the CPU an
+    XLA FFI call (``runtime.xla_ffi``): the kernels read XLA's buffers and write into them;
+    on another platform ``jax.pure_callback``, which copies the arrays to the host and back."""
+    target = xla_ffi.register(fill, stem)
+
+    def call(shapes: tuple[jax.ShapeDtypeStruct, ...], *args: Any) -> tuple[jax.Array, ...]:
+        def host(*a: Any) -> tuple[np.ndarray, ...]:
+            rets = [np.empty(s.shape, s.dtype) for s in shapes]
+            fill([np.asarray(x) for x in a], rets)
+            return tuple(rets)
+
+        def ffi(*a: Any) -> Any:
+            return tuple(jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*a))
+
+        def elsewhere(*a: Any) -> Any:
+            return tuple(jax.pure_callback(host, shapes, *a, vmap_method="sequential"))
+
+        return jax.lax.platform_dependent(*args, cpu=ffi, default=elsewhere)
+
+    return call
+
+
 def _shapes(
     loss: Loss, static: tuple[tuple[str, Any], ...], dynamic: tuple[str, ...], args: tuple
 ) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The value's and each gradient's shape and dtype, for ``pure_callback``."""
+    """The value's and each gradient's shape and dtype, the host call's results."""
     key = tuple((tuple(a.shape), np.dtype(a.dtype).str) for a in args)
     return _shapes_of(loss.name, static, dynamic, key)
 
