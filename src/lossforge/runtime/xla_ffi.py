@@ -161,7 +161,8 @@ def _call(function: Callable[[list[np.ndarray], list[np.ndarray]], None], frame_
         function(args, rets)
         return None
     except BaseException as exc:  # every error goes back to XLA, never lost in ctypes
-        code = _INVALID_ARGUMENT if isinstance(exc, (ValueError, TypeError, LookupError)) else _INTERNAL
+        bad_input = isinstance(exc, (ValueError, TypeError, LookupError))
+        code = _INVALID_ARGUMENT if bad_input else _INTERNAL
         message = f"{type(exc).__name__}: {exc}".encode()
         error = _ErrorArgs(C.sizeof(_ErrorArgs), None, message, code)
         return frame.api.contents.error_create(C.byref(error))
