@@ -42,7 +42,7 @@ Install JAX with ``pip install "lossforge[jax]"``; ``import lossforge`` never im
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,7 +104,7 @@ def _function(name: str, static: tuple[tuple[str, Any], ...], dynamic: tuple[str
     where = [loss.arguments.index(d) for d in loss.differentiable]
     reduced = _is_reduced(loss, dict(static))
 
-    def options(args: tuple[Any, ...]) -> dict[str, Any]:
+    def options(args: Sequence[Any]) -> dict[str, Any]:
         return {**dict(static), **dict(zip(dynamic, args[n:]))}
 
     def grads_out(rets: list[np.ndarray]) -> Any:

@@ -139,7 +139,8 @@ def _array(buffer: Any, writeable: bool) -> np.ndarray:
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size == 0:
         return np.empty(shape, dtype)
-    array = np.frombuffer((C.c_char * size).from_address(b.data), dtype).reshape(shape)
+    raw: Any = (C.c_char * size).from_address(b.data)
+    array = np.frombuffer(raw, dtype).reshape(shape)
     array.flags.writeable = writeable
     return array
 
