@@ -237,3 +237,21 @@ def test_cpu_calls_are_xla_ffi_calls_and_runtime_errors_come_back():
     expected, h = lf.cross_entropy.value_and_grad(np.asarray(x), np.asarray(t))
     np.testing.assert_allclose(v, expected, rtol=1e-12)
     np.testing.assert_allclose(g, h, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, -2.5, 0.0])
+def test_backward_scales_the_saved_gradient_by_the_cotangent(scale):
+    # the fused forward's gradient is scaled in XLA's buffer; a cotangent of 1 leaves it as is
+    (x, t), _ = example("huber_loss")
+    unscaled = lf.huber_loss.grad(np.asarray(x), np.asarray(t))
+    expected = scale * unscaled
+
+    def twice(x):  # the saved gradient used by two consumers: XLA must not scale it in place
+        loss = lfj.huber_loss(x, t)
+        return scale * loss, loss
+
+    g = jax.jit(jax.grad(lambda x: scale * lfj.huber_loss(x, t)))(x)
+    np.testing.assert_allclose(g, expected, rtol=1e-12, atol=0)
+    jac = jax.jit(jax.jacrev(twice))(x)
+    np.testing.assert_allclose(jac[0], expected, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(jac[1], unscaled, rtol=1e-12, atol=0)
