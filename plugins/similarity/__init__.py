@@ -363,11 +363,12 @@ SPECS = [
         example=triplet.example,
         example_variants=({"features": 128},),
         option_sets=({"swap": True, "margin": 0.25},),
-        doc="""Triplet margin loss with a distance function, with its default distance only:
-    ``triplet_margin_loss(p=2, eps=1e-6)``, PyTorch's ``pairwise_distance``. A Python
-    ``distance_function`` cannot run inside a compiled kernel: any other value than ``None``
-    raises ``TypeError`` (use ``triplet_margin_loss`` with ``p`` and ``eps`` for another
-    p-norm). ``margin`` must be > 0, as PyTorch requires (``ValueError``).
+        doc="""Triplet margin loss with a distance function, for the distances a kernel can
+    compute: ``distance_function=None`` (the default) or ``torch.pairwise_distance`` is
+    ``triplet_margin_loss(p=2, eps=1e-6)``; a ``torch.nn.PairwiseDistance(p, eps)`` module
+    (``keepdim=False``) is ``triplet_margin_loss(p=p, eps=eps)``. Any other callable raises
+    ``TypeError``: Python code cannot run inside a compiled kernel (``triplet_margin_loss``
+    takes any p-norm). ``margin`` must be > 0, as PyTorch requires (``ValueError``).
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``.
 
     Shape:

@@ -20,6 +20,7 @@ for any thread count.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 from numba import prange
@@ -213,19 +214,12 @@ def prepare(arrays, options, backend, *, distance=False):
     """Three float arrays of one shape, distances along the last dimension (PyTorch's
     ``RuntimeError`` for unequal dimension counts is a ``ValueError`` here, API.md 5)."""
     if distance:
-        if options["distance_function"] is not None:
-            raise TypeError(
-                "triplet_margin_with_distance_loss: lossforge computes the default distance "
-                "(pairwise_distance, p=2, eps=1e-6) only; a Python distance_function cannot "
-                "run in a compiled kernel: pass distance_function=None, or use "
-                "triplet_margin_loss(p=..., eps=...) for another p-norm"
-            )
-        q, eps = DEFAULT_P, DEFAULT_EPS
+        q, eps = _distance(options["distance_function"])
     else:
-        q = validate.check_real("p", options["p"])
-        if not 0 < q < math.inf:
-            raise ValueError(f"p must be a finite number > 0, got {q}")
-        eps = validate.check_real("eps", options["eps"])
+        q, eps = options["p"], validate.check_real("eps", options["eps"])
+    q = validate.check_real("p", q)
+    if not 0 < q < math.inf:
+        raise ValueError(f"p must be a finite number > 0, got {q}")
     margin = validate.check_real("margin", options["margin"])
     if not margin > 0:  # PyTorch's check, for both losses
         raise ValueError(f"margin must be greater than 0, got {margin}")
@@ -249,6 +243,26 @@ def prepare(arrays, options, backend, *, distance=False):
         dtype=dtype,
         result_dtypes=dtypes,
         backend=backend,
+    )
+
+
+def _distance(function):
+    """``(p, eps)`` of a ``distance_function`` the kernel can compute: ``None`` or PyTorch's
+    ``pairwise_distance`` (p=2, eps=1e-6), or a ``torch.nn.PairwiseDistance`` module (its
+    own ``norm`` and ``eps``); any other callable is a ``TypeError``."""
+    if function is None:
+        return DEFAULT_P, DEFAULT_EPS
+    torch = sys.modules.get("torch")  # a torch callable implies torch is imported
+    if torch is not None:
+        if function is torch.pairwise_distance or function is torch.nn.functional.pairwise_distance:
+            return DEFAULT_P, DEFAULT_EPS
+        if isinstance(function, torch.nn.PairwiseDistance) and not function.keepdim:
+            return function.norm, function.eps
+    raise TypeError(
+        "triplet_margin_with_distance_loss: distance_function must be None, "
+        "torch.pairwise_distance or a torch.nn.PairwiseDistance(keepdim=False); a Python "
+        f"callable ({function!r}) cannot run in a compiled kernel (triplet_margin_loss takes "
+        "any p-norm through p and eps)"
     )
 
 
