@@ -10,9 +10,10 @@ over the whole batch with ``batch=True``::
     tversky = 1 - (I + smooth) / (I + alpha FP + beta FN + smooth)
 
 ``tversky_loss(alpha=0.5, beta=0.5, smooth=s)`` equals ``dice_loss(smooth=2 s)`` (so the two
-agree exactly at ``smooth=0``). Both are one row formula, ``1 - (k I + s) / (m I + a P + b T +
-s)``, built by ``lossforge.kernels.Rowwise`` on rows of ``(samples, elements)``; the
-gradient is with respect to ``input`` only.
+agree exactly at ``smooth=0``). Both are one formula, ``1 - (k I + s) / (m I + a P + b T +
+s)``; the gradient is with respect to ``input`` only. The kernels are hand-written, not
+``lossforge.kernels.Rowwise``: a batch (or a few large samples) is one long row there, summed
+by one thread into a scratch row of its length.
 """
 
 from __future__ import annotations
@@ -20,60 +21,171 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import prange
 
 from lossforge import Prepared, validate
-from lossforge.kernels import Rowwise
+from lossforge.runtime import mathfn
+from lossforge.runtime.cpu import CHUNK, TILE, KernelPair, inline, tree_sum
 
 DEFAULT_SMOOTH = 1e-5
 
 
-def probability_terms(x, y):
-    return x * y, x, y
+# -- the math ------------------------------------------------------------------------------
+# Three passes: the sums of each sample's segments (kernels, float64), the samples' values and
+# derivatives from their sums (NumPy, float64, on the host: one small array of samples), the
+# gradient element by element (kernels). A segment is at most CHUNK elements of one sample, so
+# a batch (or a few large samples) is summed in parallel too; segments are summed by NumPy in
+# segment order: the same bits for any thread count.
+def segments(columns: int) -> tuple[int, int]:
+    """``(length, count)`` of the segments a sample of ``columns`` elements is cut into."""
+    length = max(1, min(columns, CHUNK))
+    return length, max(1, -(-columns // length))
 
 
-# sigmoid written out in each formula: a formula calls no helper of its own (the templates
-# compile the formula alone, for the CPU and as a CUDA device function)
-def sigmoid_terms(x, y):
-    q = 1.0 / (1.0 + math.exp(-x))
-    return q * y, q, y
+def sigmoid(x):
+    """The probability of a logit, from a vectorizable exp of ``-|x|`` (no overflow)."""
+    e = mathfn.exp_nonpositive(-abs(x))
+    return (1.0 if x >= 0 else e) / (1.0 + e)
 
 
-def overlap_row(sums, t, p):
-    """The row's loss ``1 - N / D``, ``N = k I + s``, ``D = m I + a P + b T + s``, and its
-    derivatives with respect to I, P and T."""
-    i, pp, tt = sums
-    k, m, a, b, s = p
-    num = k * i + s
-    den = m * i + a * pp + b * tt + s
-    r = num / den
-    return 1.0 - r, (r * m - k) / den, r * a / den, r * b / den
+@inline
+def probability(x, logits):
+    """``x``, or its sigmoid where ``logits`` is True (``None`` is pruned at compile time)."""
+    if logits is None:
+        return x
+    return sigmoid_cpu(x)
 
 
-def probability_grads(x, y, c0, c1, c2):
-    return c0 * y + c1, c0 * x + c2
+def overlap_sums(x, y, columns, logits, out):
+    """``out[r] = (sum q y, sum q, sum y)`` over segment ``r`` of flat ``x``, ``y`` (samples
+    of ``columns`` elements); element ``k`` of each ``TILE`` goes to running sum ``k``."""
+    length = max(1, min(columns, CHUNK))
+    count = max(1, -(-columns // length))
+    total = out.shape[0]
+    per_chunk = max(1, CHUNK // length)
+    chunks = (total + per_chunk - 1) // per_chunk
+    for c in prange(chunks):
+        acc = np.empty((3, TILE))
+        for r in range(c * per_chunk, min(c * per_chunk + per_chunk, total)):
+            base = (r // count) * columns
+            lo = base + (r % count) * length
+            hi = min(lo + length, base + columns)
+            xs = x[lo:hi]
+            ys = y[lo:hi]
+            acc[:] = 0.0
+            n = hi - lo
+            whole = n - n % TILE
+            for t0 in range(0, whole, TILE):
+                for k in range(TILE):
+                    q = probability(np.float64(xs[t0 + k]), logits)
+                    v = np.float64(ys[t0 + k])
+                    acc[0, k] += q * v
+                    acc[1, k] += q
+                    acc[2, k] += v
+            for k in range(n - whole):
+                q = probability(np.float64(xs[whole + k]), logits)
+                v = np.float64(ys[whole + k])
+                acc[0, k] += q * v
+                acc[1, k] += q
+                acc[2, k] += v
+            out[r, 0] = tree_sum(acc[0])
+            out[r, 1] = tree_sum(acc[1])
+            out[r, 2] = tree_sum(acc[2])
+    return 0.0
 
 
-def sigmoid_grads(x, y, c0, c1, c2):
-    q = 1.0 / (1.0 + math.exp(-x))
-    return (c0 * y + c1) * q * (1.0 - q), c0 * q + c2
+def overlap_grad(x, y, columns, logits, c_i, c_p, grad):
+    """``grad = (c_i y + c_p) dq/dx`` element by element, with sample ``s``'s coefficients
+    ``c_i[s]`` (d loss / d I) and ``c_p[s]`` (d loss / d P), already times the upstream
+    gradient and scale."""
+    n = x.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(chunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        while lo < hi:  # the chunk's pieces of one sample each
+            s = lo // columns
+            end = min(hi, s * columns + columns)
+            a = c_i[s]
+            b = c_p[s]
+            xs = x[lo:end]
+            ys = y[lo:end]
+            gs = grad[lo:end]
+            for k in range(end - lo):
+                xk = np.float64(xs[k])
+                g = a * np.float64(ys[k]) + b
+                if logits is not None:
+                    q = sigmoid_cpu(xk)
+                    g *= q * (1.0 - q)
+                gs[k] = g
+            lo = end
+    return 0.0
 
 
-PARAMS = ("k", "m", "a", "b", "smooth")
-PROBABILITIES = Rowwise(probability_terms, overlap_row, probability_grads, params=PARAMS)
-LOGITS = Rowwise(sigmoid_terms, overlap_row, sigmoid_grads, params=PARAMS)
+sigmoid_cpu = inline(sigmoid)
+SUMS = KernelPair(overlap_sums, name="overlap_sums")
+GRAD = KernelPair(overlap_grad, name="overlap_grad")
 
 
-def _kernel(backend):
-    """The KernelSpec function on ``backend``: the template of the input's kind."""
+def _row_values(sums, p):
+    """Each sample's loss ``1 - N / D`` (``N = k I + s``, ``D = m I + a P + b T + s``) and
+    its derivatives with respect to I and P, from the ``(samples, 3)`` float64 sums."""
+    i, pp, tt = sums.T
+    num = p["k"] * i + p["smooth"]
+    den = p["m"] * i + p["a"] * pp + p["b"] * tt + p["smooth"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = num / den
+        return 1.0 - r, (r * p["m"] - p["k"]) / den, r * p["a"] / den
 
-    def run(p, loss_out, grads, grad_output, scale):
-        kernel = LOGITS if p.params["sigmoid"] else PROBABILITIES
-        return getattr(kernel, backend)(p, loss_out, grads, grad_output, scale)
 
-    return run
+def _run(p, loss_out, grads, grad_output, scale, sums_of, gradient, to_host, put):
+    """The three passes; ``sums_of``, ``gradient`` launch the kernels, ``to_host``/``put``
+    move the per-sample arrays (identities on the CPU)."""
+    x, y = p.arrays
+    samples, columns = p.params["samples"], p.params["columns"]
+    if samples == 0:
+        return 0.0
+    count = segments(columns)[1]
+    sums = sums_of(x, y, columns, samples * count).reshape(samples, count, 3).sum(axis=1)
+    values, c_i, c_p = _row_values(sums, p.params)
+    if loss_out is not None:
+        put(loss_out, values.astype(loss_out.dtype).reshape(loss_out.shape))
+    if grads:
+        g = np.float64(scale)
+        if grad_output is not None:
+            g = scale * to_host(grad_output).astype(np.float64).reshape(-1)
+        gradient(x, y, columns, c_i * g, c_p * g, grads[0])
+    return float(np.sum(values))
 
 
-cpu, cuda = _kernel("cpu"), _kernel("cuda")
+def _logits(p):
+    return True if p.params["sigmoid"] else None
+
+
+def cpu(p, loss_out, grads, grad_output, scale):
+    """The ``KernelSpec`` function on the CPU."""
+    logits = _logits(p)
+
+    def sums_of(x, y, columns, total):
+        out = np.empty((total, 3))
+        SUMS(x.size, x, y, columns, logits, out)
+        return out
+
+    def gradient(x, y, columns, c_i, c_p, grad):
+        GRAD(x.size, x, y, columns, logits, c_i, c_p, grad.reshape(-1))
+
+    def put(out, values):
+        out[...] = values
+
+    return _run(p, loss_out, grads, grad_output, scale, sums_of, gradient, np.asarray, put)
+
+
+def cuda(p, loss_out, grads, grad_output, scale):
+    """The ``KernelSpec`` function on CUDA (``overlap_cuda``): the per-sample sums come to the
+    host and the coefficients go back, two small copies a call."""
+    from lossforge.plugins.similarity import overlap_cuda
+
+    return overlap_cuda.run(p, loss_out, grads, grad_output, scale, _run)
 
 
 def prepare(arrays, options, backend, *, tversky=False):
@@ -98,11 +210,16 @@ def prepare(arrays, options, backend, *, tversky=False):
             f"input must be (N, ...) with a batch dimension, got shape {shape}: "
             "use batch=True to reduce one sample over all its elements"
         )
-    size = math.prod(shape)
-    columns = size // rows if rows else math.prod(shape[1:])
+    columns = math.prod(shape) if batch else math.prod(shape[1:])
     return Prepared(
-        arrays=(x.reshape(rows, columns), y.reshape(rows, columns), None),
-        params={**params, "smooth": smooth, "sigmoid": sigmoid},
+        arrays=(x.reshape(-1), y.reshape(-1)),
+        params={
+            **params,
+            "smooth": smooth,
+            "sigmoid": sigmoid,
+            "samples": rows,
+            "columns": columns,
+        },
         reduction=options["reduction"],
         denominator=float(rows),
         value_shape=value_shape,

@@ -429,8 +429,6 @@ class Rowwise:
     grads: ``(x, y, c0, c1, c2) -> (d/dx, d/dy)``, per element, linear in the
         coefficients: the template multiplies them by the upstream gradient (times the
         reduction's scale) once a row, so that the element loop has no extra multiply.
-        A loss whose only differentiable argument is ``x1`` (``dice_loss``) gets one
-        gradient buffer, and ``d/dy`` is not stored.
 
     ``Prepared.arrays`` is ``(x1, x2, target)``: two C-contiguous ``(R, D)`` arrays and a
     float64 ``(R,)`` target or ``None``; ``params`` names the entries of ``Prepared.params``
@@ -466,7 +464,7 @@ class Rowwise:
         return cpu.KernelPair(
             cpu.rowwise,
             **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
-            name=_kernel_name(row, "rowwise", terms, grads),  # one row, several terms
+            name=_kernel_name(row, "rowwise"),
             namespace={
                 "terms": cpu.inline(terms),
                 "row": cpu.inline(row),
@@ -480,10 +478,7 @@ class Rowwise:
     def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on the CPU."""
         x1, x2, t = p.arrays
-        g1 = g2 = None
-        if grads:  # one buffer where only x1 is differentiable
-            g1 = grads[0].reshape(x1.shape)
-            g2 = grads[1].reshape(x1.shape) if len(grads) > 1 else None
+        g1, g2 = (g.reshape(x1.shape) for g in grads) if grads else (None, None)
         return self.kernel(
             x1.size,
             x1,
@@ -548,7 +543,7 @@ class Rowwise:
 
         if self._cuda is None:
             self._cuda = rt.rowwise_kernel(
-                self.formulas, _kernel_name(self.formulas[1], "cuda_rowwise", *self.formulas[::2])
+                self.formulas, _kernel_name(self.formulas[1], "cuda_rowwise")
             )
         x1, x2, t = p.arrays
         rows, dim = x1.shape
@@ -566,7 +561,7 @@ class Rowwise:
             dim,
             rt.flat(loss_out, dtype),
             rt.flat(grads[0], dtype) if grads else rt.nothing(dtype),
-            rt.flat(grads[1], dtype) if grads and len(grads) > 1 else rt.nothing(dtype),
+            rt.flat(grads[1], dtype) if grads else rt.nothing(dtype),
             rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
             float(scale),
             lanes,

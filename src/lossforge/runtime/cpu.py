@@ -448,9 +448,8 @@ def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
     sums of its ``terms`` (float64, each by ``tree_sum`` over a scratch row: a fixed order
     that vectorizes, where ``s += x * y`` is a serial add chain), the row's value and
     gradient coefficients from ``row``, a second pass over the same (cached) rows for both
-    gradients (``g2_out`` ``None``: the first only). Chunks of whole rows (about ``CHUNK``
-    elements each), blocks of ``BLOCK`` rows' values summed by ``tree_sum``, chunk partials
-    added in order."""
+    gradients. Chunks of whole rows (about ``CHUNK`` elements each), blocks of ``BLOCK``
+    rows' values summed by ``tree_sum``, chunk partials added in order."""
     rows, dim = x1.shape
     per_chunk = max(1, CHUNK // max(dim, 1))
     chunks = (rows + per_chunk - 1) // per_chunk
@@ -484,15 +483,11 @@ def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
                     c1 *= g
                     c2 *= g
                     ga = g1_out[i]
-                    if g2_out is None:  # only x1 is differentiable (dice_loss)
-                        for k in range(dim):
-                            ga[k] = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2)[0]
-                    else:
-                        gb = g2_out[i]
-                        for k in range(dim):
-                            da, db = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2)
-                            ga[k] = da
-                            gb[k] = db
+                    gb = g2_out[i]
+                    for k in range(dim):
+                        da, db = grads(np.float64(a[k]), np.float64(b[k]), c0, c1, c2)
+                        ga[k] = da
+                        gb[k] = db
                 buf[i - lo] = value
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)

@@ -856,7 +856,6 @@ def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes
     targets = t.size > 0
     want_loss = loss_out.size > 0
     want_grad = g1_out.size > 0
-    second = g2_out.size > 0  # else only x1 is differentiable (dice_loss)
     upstream = go.size > 0
     acc = 0.0
     for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
@@ -889,8 +888,7 @@ def _rowwise(x1, x2, t, p, rows, dim, loss_out, g1_out, g2_out, go, scale, lanes
                     y = float64(x2[start + k])
                     da, db = grads(x, y, c0, c1, c2)
                     g1_out[start + k] = da
-                    if second:
-                        g2_out[start + k] = db
+                    g2_out[start + k] = db
     write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
