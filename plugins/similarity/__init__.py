@@ -9,6 +9,11 @@ need none). ``cosine_embedding_loss`` requires inputs of one shape. The kernels 
 along the reduced dimension, made by ``lossforge.kernels.Rowwise`` from the row formulas
 below: for ``cosine_similarity`` with ``dim`` not the last dimension, the inputs are moved to
 rows first (one copy) and the gradients moved back.
+
+``triplet_margin_loss`` and ``triplet_margin_with_distance_loss`` (``triplet.py``,
+``triplet_cuda.py``) and the soft overlap losses ``dice_loss`` and ``tversky_loss``
+(``overlap.py``, ``overlap_cuda.py``) have hand-written kernels: three arrays and up to three
+distances a row, and sums over whole samples or a whole batch, are not what ``Rowwise`` takes.
 """
 
 from __future__ import annotations
@@ -336,15 +341,18 @@ SPECS = [
         doc="""Triplet margin loss, as PyTorch 2.13 computes it: per row
     ``max(margin + d(anchor, positive) - d_neg, 0)`` with ``d(x, y) = ||x - y + eps||_p``
     (pairwise_distance) and ``d_neg = d(anchor, negative)``, or with ``swap``
-    ``min(d(anchor, negative), d(positive, negative))``. ``p`` is any finite ``p > 0``.
+    ``min(d(anchor, negative), d(positive, negative))``; ``margin`` > 0 (PyTorch's check).
+    ``p`` is any finite ``p > 0`` (PyTorch also takes 0, negative and infinite ``p``;
+    lossforge raises ``ValueError``).
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``: autograd's, with ``clamp_min``
     passing the gradient where its argument is >= 0, tied ``swap`` distances sharing it
     half and half, and 0 for the norm's derivative where an element or the norm is 0.
 
     Shape:
-        anchor, positive, negative: (N, D) or (D), all of one shape (PyTorch would also
+        anchor, positive, negative: (N, D) or (D) (or (..., D): distances along the last
+            dimension, as PyTorch computes them), all of one shape (PyTorch would also
             broadcast equal-rank shapes; lossforge raises ``ValueError``).
-        Output: a scalar for "mean" and "sum"; (N) or () for "none".
+        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
 """,
     ),
     LossSpec(
@@ -372,8 +380,8 @@ SPECS = [
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``.
 
     Shape:
-        anchor, positive, negative: (N, D) or (D), all of one shape.
-        Output: a scalar for "mean" and "sum"; (N) or () for "none".
+        anchor, positive, negative: (N, D) or (D) (or (..., D)), all of one shape.
+        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
 """,
     ),
     LossSpec(
