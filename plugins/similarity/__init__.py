@@ -347,6 +347,8 @@ SPECS = [
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``: autograd's, with ``clamp_min``
     passing the gradient where its argument is >= 0, tied ``swap`` distances sharing it
     half and half, and 0 for the norm's derivative where an element or the norm is 0.
+    No Hessian diagonal (``grad_hess`` raises): the loss couples the three inputs through
+    norms, and its diagonal alone is no useful Newton step.
 
     Shape:
         anchor, positive, negative: (N, D) or (D) (or (..., D): distances along the last
