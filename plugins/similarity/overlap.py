@@ -50,10 +50,11 @@ def sigmoid(x):
 
 @inline
 def probability(x, logits):
-    """``x``, or its sigmoid where ``logits`` is True (``None`` is pruned at compile time)."""
-    if logits is None:
-        return x
-    return sigmoid_cpu(x)
+    """``x``, or its sigmoid where ``logits`` is True: a runtime flag, not a pruned ``None``,
+    so that a dtype compiles one kernel (the loop is unswitched on it)."""
+    if logits:
+        return sigmoid_cpu(x)
+    return x
 
 
 def overlap_sums(x, y, columns, logits, out):
@@ -114,7 +115,7 @@ def overlap_grad(x, y, columns, logits, c_i, c_p, grad):
             for k in range(end - lo):
                 xk = np.float64(xs[k])
                 g = a * np.float64(ys[k]) + b
-                if logits is not None:
+                if logits:
                     q = sigmoid_cpu(xk)
                     g *= q * (1.0 - q)
                 gs[k] = g
@@ -159,7 +160,7 @@ def _run(p, loss_out, grads, grad_output, scale, sums_of, gradient, to_host, put
 
 
 def _logits(p):
-    return True if p.params["sigmoid"] else None
+    return bool(p.params["sigmoid"])
 
 
 def cpu(p, loss_out, grads, grad_output, scale):
