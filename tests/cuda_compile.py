@@ -34,6 +34,8 @@ import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
+import lossforge.plugins.similarity.overlap_cuda as overlap_cuda  # noqa: E402
+import lossforge.plugins.similarity.triplet_cuda as triplet_cuda  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
 
@@ -97,6 +99,9 @@ def signatures(dtype):
             )
             for k in (similarity.COSINE, similarity.EMBEDDING)
         ],
+        (overlap_cuda.SUMS, (a, a, i, types.boolean, i, scratch)),
+        (overlap_cuda.GRAD, (a, a, i, types.boolean, f64, f64, a)),
+        (triplet_cuda.KERNEL, (a, a, a, types.UniTuple(f, 4), i, i, a, a, a, a, a, f, scratch)),
     ]
 
 

@@ -9,6 +9,11 @@ need none). ``cosine_embedding_loss`` requires inputs of one shape. The kernels 
 along the reduced dimension, made by ``lossforge.kernels.Rowwise`` from the row formulas
 below: for ``cosine_similarity`` with ``dim`` not the last dimension, the inputs are moved to
 rows first (one copy) and the gradients moved back.
+
+``triplet_margin_loss`` and ``triplet_margin_with_distance_loss`` (``triplet.py``,
+``triplet_cuda.py``) and the soft overlap losses ``dice_loss`` and ``tversky_loss``
+(``overlap.py``, ``overlap_cuda.py``) have hand-written kernels: three arrays and up to three
+distances a row, and sums over whole samples or a whole batch, are not what ``Rowwise`` takes.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import dataclasses
 import math
 
 import numpy as np
+from lossforge.plugins.similarity import overlap, triplet
 
-from lossforge import LossSpec, Prepared, dispatch, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, Prepared, dispatch, hookimpl, validate
 from lossforge.kernels import Rowwise
 
 #: The default ``eps`` of cosine_similarity and ``margin`` of cosine_embedding_loss.
@@ -315,6 +321,131 @@ SPECS = [
         Output: a scalar for "mean" and "sum"; (N) or () for "none".
 """,
     ),
+    LossSpec(
+        name="triplet_margin_loss",
+        family="similarity",
+        arguments=triplet.NAMES,
+        differentiable=triplet.NAMES,
+        options={
+            "margin": triplet.DEFAULT_MARGIN,
+            "p": triplet.DEFAULT_P,
+            "eps": triplet.DEFAULT_EPS,
+            "swap": False,
+            "reduction": "mean",
+        },
+        prepare=triplet.prepare,
+        reference=triplet.reference,
+        example=triplet.example,
+        example_variants=({"features": 128},),
+        option_sets=({"swap": True, "margin": 2.0}, {"p": 1.0}, {"p": 3.0, "eps": 0.0}),
+        doc="""Triplet margin loss, as PyTorch 2.13 computes it: per row
+    ``max(margin + d(anchor, positive) - d_neg, 0)`` with ``d(x, y) = ||x - y + eps||_p``
+    (pairwise_distance) and ``d_neg = d(anchor, negative)``, or with ``swap``
+    ``min(d(anchor, negative), d(positive, negative))``; ``margin`` > 0 (PyTorch's check).
+    ``p`` is any finite ``p > 0`` (PyTorch also takes 0, negative and infinite ``p``;
+    lossforge raises ``ValueError``).
+    ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``: autograd's, with ``clamp_min``
+    passing the gradient where its argument is >= 0, tied ``swap`` distances sharing it
+    half and half, and 0 for the norm's derivative where an element or the norm is 0.
+    No Hessian diagonal (``grad_hess`` raises): the loss couples the three inputs through
+    norms, and its diagonal alone is no useful Newton step.
+
+    Shape:
+        anchor, positive, negative: (N, D) or (D) (or (..., D): distances along the last
+            dimension, as PyTorch computes them), all of one shape (PyTorch would also
+            broadcast equal-rank shapes; lossforge raises ``ValueError``).
+        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
+""",
+    ),
+    LossSpec(
+        name="triplet_margin_with_distance_loss",
+        family="similarity",
+        arguments=triplet.NAMES,
+        differentiable=triplet.NAMES,
+        options={
+            "distance_function": None,
+            "margin": triplet.DEFAULT_MARGIN,
+            "swap": False,
+            "reduction": "mean",
+        },
+        prepare=triplet.prepare_with_distance,
+        reference=triplet.reference,
+        example=triplet.example,
+        example_variants=({"features": 128},),
+        option_sets=({"swap": True, "margin": 0.25},),
+        doc="""Triplet margin loss with a distance function, for the distances a kernel can
+    compute: ``distance_function=None`` (the default) or ``torch.pairwise_distance`` is
+    ``triplet_margin_loss(p=2, eps=1e-6)``; a ``torch.nn.PairwiseDistance(p, eps)`` module
+    (``keepdim=False``) is ``triplet_margin_loss(p=p, eps=eps)``. Any other callable raises
+    ``TypeError``: Python code cannot run inside a compiled kernel (``triplet_margin_loss``
+    takes any p-norm). ``margin`` must be > 0, as PyTorch requires (``ValueError``).
+    ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``.
+
+    Shape:
+        anchor, positive, negative: (N, D) or (D) (or (..., D)), all of one shape.
+        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
+""",
+    ),
+    LossSpec(
+        name="dice_loss",
+        family="similarity",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={
+            "smooth": overlap.DEFAULT_SMOOTH,
+            "sigmoid": False,
+            "batch": False,
+            "reduction": "mean",
+        },
+        prepare=overlap.prepare,
+        reference=overlap.reference_dice,
+        example=overlap.example,
+        option_sets=(overlap.logits, {"batch": True, "smooth": 1.0}),
+        doc="""Soft Dice loss (no PyTorch function; MONAI's ``DiceLoss`` convention):
+    ``1 - (2 sum(q t) + smooth) / (sum(q) + sum(t) + smooth)`` with ``q = input`` (probabilities)
+    or ``q = sigmoid(input)`` with ``sigmoid=True`` (logits), the sums over each sample's
+    elements (every dimension but the first), or over the whole batch with ``batch=True``.
+    ``smooth`` (>= 0) keeps an empty sample and target at 0 loss instead of 0 / 0. Input
+    values are not range-checked. The gradient is with respect to ``input``; no Hessian.
+
+    Shape:
+        input, target: (N, ...) of one shape, float; any shape with ``batch=True``.
+        Output: a scalar for "mean" and "sum"; (N) for "none", () with ``batch=True``.
+""",
+    ),
+    LossSpec(
+        name="tversky_loss",
+        family="similarity",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={
+            "alpha": 0.5,
+            "beta": 0.5,
+            "smooth": overlap.DEFAULT_SMOOTH,
+            "sigmoid": False,
+            "batch": False,
+            "reduction": "mean",
+        },
+        prepare=overlap.prepare_tversky,
+        reference=overlap.reference_tversky,
+        example=overlap.example,
+        option_sets=(
+            {"alpha": 0.3, "beta": 0.7},
+            overlap.logits,
+            {"batch": True, "alpha": 0.8, "beta": 0.1, "smooth": 1.0},
+        ),
+        doc="""Soft Tversky loss (MONAI's ``TverskyLoss`` convention with one ``smooth``):
+    ``1 - (TP + smooth) / (TP + alpha FP + beta FN + smooth)`` with ``TP = sum(q t)``,
+    ``FP = sum(q (1 - t))``, ``FN = sum((1 - q) t)``; ``q``, ``sigmoid``, ``batch`` and the
+    shapes as for ``dice_loss``. ``alpha`` weighs false positives, ``beta`` false negatives
+    (both >= 0). ``alpha = beta = 0.5`` with ``smooth = s`` is ``dice_loss`` with
+    ``smooth = 2 s``. The gradient is with respect to ``input``; no Hessian.
+
+    Shape:
+        input, target: (N, ...) of one shape, float; any shape with ``batch=True``.
+        Output: a scalar for "mean" and "sum"; (N) for "none", () with ``batch=True``.
+""",
+    ),
 ]
 
 
@@ -328,3 +459,7 @@ def lossforge_kernels():
     for spec in COSINE.specs("cosine_similarity", (DEFAULT_EPS,), reduction=None):
         yield dataclasses.replace(spec, function=_cosine_similarity(spec.function))
     yield from EMBEDDING.specs("cosine_embedding_loss", (DEFAULT_MARGIN,))
+    yield from triplet.specs()
+    for name in ("dice_loss", "tversky_loss"):
+        yield KernelSpec(name, "cpu", overlap.cpu)
+        yield KernelSpec(name, "cuda", overlap.cuda)
