@@ -6,9 +6,9 @@ element's index) and skipped, and the wrapper raises the CPU's ``IndexError``.
 
 from __future__ import annotations
 
+from lossforge.plugins.margin.cpu import raise_bad
 from numba import cuda, float64
 
-from lossforge.plugins.margin.cpu import raise_bad
 from lossforge.runtime import cuda as rt
 from lossforge.runtime.cuda import NO_FLAG, THREADS
 
