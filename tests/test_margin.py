@@ -374,3 +374,18 @@ def test_cuda_bad_targets_get_the_cpu_exception(rng):
     labels[3, 1] = -3
     with pytest.raises(IndexError, match="target -3 is out of bounds"):
         lf.multilabel_margin_loss.grad(cuda.to_device(x), cuda.to_device(labels))
+
+
+@needs_torch
+def test_torch_modules(rng):
+    import torch
+
+    from lossforge import torch as lt
+
+    x, t = margin_case(rng, (4, 5))
+    module = lt.MultiMarginLoss(p=2, margin=0.5)
+    value = module(torch.from_numpy(x), torch.from_numpy(t))
+    np.testing.assert_allclose(value.item(), ref_multi_margin(x, t, p=2, margin=0.5), rtol=1e-12)
+    _, labels = label_case(rng, (4, 5))
+    value = lt.MultiLabelMarginLoss()(torch.from_numpy(x), torch.from_numpy(labels))
+    np.testing.assert_allclose(value.item(), ref_multilabel_margin(x, labels), rtol=1e-12)
