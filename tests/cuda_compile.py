@@ -91,7 +91,7 @@ def signatures(dtype):
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
-        (margin._multi_margin, (a, index, a, i, i, i, f, a, a, a, a, f, scratch)),
+        (margin._multi_margin, (a, index, a, i, i, i, f, a, a, a, a, f, i, scratch)),
         (margin._multilabel_margin, (a, index, i, i, a, a, a, f, scratch)),
         *[
             (

@@ -341,7 +341,7 @@ needs_cuda = pytest.mark.skipif(not cuda.is_available(), reason="no GPU and no s
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", [(5, 4), (4,)])
+@pytest.mark.parametrize("shape", [(5, 4), (4,), (30, 3), (3, 37)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_matches_the_cpu(shape, dtype, rng):
     x, t = margin_case(rng, shape, dtype)
