@@ -389,3 +389,18 @@ def test_torch_modules(rng):
     _, labels = label_case(rng, (4, 5))
     value = lt.MultiLabelMarginLoss()(torch.from_numpy(x), torch.from_numpy(labels))
     np.testing.assert_allclose(value.item(), ref_multilabel_margin(x, labels), rtol=1e-12)
+
+
+def test_dask_chunks_keep_rows_whole(rng):
+    da = pytest.importorskip("dask.array")
+    import lossforge.dask as lfd
+
+    x, t = margin_case(rng, (40, 6))
+    _, labels = label_case(rng, (40, 6))
+    w = rng.random(6) + 0.5
+    chunked = da.from_array(x, chunks=(7, 4))  # class axis split: rechunked whole
+    for name, target, options in [(MM, t, {"p": 2, "weight": w}), (ML, labels, {})]:
+        value, grad = lf.get(name).value_and_grad(x, target, **options)
+        d_value, d_grad = lfd.get(name).value_and_grad(chunked, target, **options)
+        np.testing.assert_allclose(d_value, value, rtol=1e-12)
+        np.testing.assert_allclose(d_grad.compute(), grad, rtol=1e-12)
