@@ -31,6 +31,7 @@ class _Device:
 _dispatcher.get_current_device = lambda: _Device()
 
 import lossforge.plugins.binary as binary  # noqa: E402
+import lossforge.plugins.margin.cuda as margin  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
@@ -92,6 +93,8 @@ def signatures(dtype):
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
+        (margin._multi_margin, (a, index, a, i, i, i, f, a, a, a, a, f, i, scratch)),
+        (margin._multilabel_margin, (a, index, i, i, a, a, a, f, scratch)),
         *[
             (
                 rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),

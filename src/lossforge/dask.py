@@ -28,16 +28,18 @@ persisted, or costly to compute and small enough to hold). ``"none"`` maps chunk
 
 Chunks: inputs, targets and element-wise options (``weight``, ``pos_weight``: broadcast to
 the input's shape as in memory) take the input's chunks. Rows are never split: for
-``cross_entropy``/``nll_loss`` the class axis (axis 1, or the whole of a 1-D input), for
-``multilabel_soft_margin_loss`` and ``cosine_embedding_loss`` the last axis, for
+``cross_entropy``/``nll_loss``/``multi_margin_loss`` the class axis (axis 1, or the whole of
+a 1-D input), for ``multilabel_soft_margin_loss``, ``multilabel_margin_loss`` and
+``cosine_embedding_loss`` the last axis, for
 ``cosine_similarity`` the ``dim`` axis. When such an axis of the input has more than one
 chunk, the input is rechunked with that axis in one chunk, the other axes' chunks kept but for
 axis 0, cut into chunks of as many rows as fit in the size of the input's largest chunk (at
 least one row), so chunks stay about the size the caller chose; an input already whole along
 it keeps its chunks. Class weights
-(``weight`` of ``cross_entropy``/``nll_loss``) go whole to every chunk. A third-party loss is
-taken as element-wise. ``cosine_similarity`` takes ``x1`` and ``x2`` of one shape (broadcast
-them first); its gradient with ``grad_output`` of the value's shape.
+(``weight`` of ``cross_entropy``/``nll_loss``/``multi_margin_loss``) go whole to every
+chunk. A third-party loss is taken as element-wise. ``cosine_similarity`` takes ``x1`` and
+``x2`` of one shape (broadcast them first); its gradient with ``grad_output`` of the value's
+shape.
 
 Errors: options, dtypes and shapes are checked when the graph is built, with the in-memory
 error types and messages (the family's ``prepare`` runs on zero-row stand-ins, so nothing is
@@ -91,8 +93,10 @@ __all__ = ["DaskLoss", "NumbaThreads", "get", "grad", "value_and_grad"]
 
 #: Pairs added per node of the reduction tree.
 SPLIT_EVERY = 8
-_CLASS_AXIS = frozenset({"cross_entropy", "nll_loss"})
-_LAST_AXIS = frozenset({"multilabel_soft_margin_loss", "cosine_embedding_loss"})
+_CLASS_AXIS = frozenset({"cross_entropy", "nll_loss", "multi_margin_loss"})
+_LAST_AXIS = frozenset(
+    {"multilabel_soft_margin_loss", "multilabel_margin_loss", "cosine_embedding_loss"}
+)
 
 
 def get(name: str) -> DaskLoss:
@@ -207,7 +211,7 @@ def _layout(loss: Loss, shapes: Sequence[tuple[int, ...]], options: dict[str, An
         rest = tuple(a for a in every if a != cls)
         target = every if len(shapes[1]) == nd else rest  # probabilities, or indices
         return _Layout([every, target], (cls,), rest, per_element=False)
-    if loss.name == "multilabel_soft_margin_loss" and nd:
+    if loss.name in ("multilabel_soft_margin_loss", "multilabel_margin_loss") and nd:
         return _Layout([every, every], (nd - 1,), every[:-1], per_element=True)
     if loss.name == "cosine_embedding_loss" and nd:
         return _Layout([every, every, every[:-1]], (nd - 1,), every[:-1], per_element=True)

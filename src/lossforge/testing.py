@@ -296,7 +296,10 @@ def _check_hessian(loss: Any, rng: np.random.Generator, option_set: Any) -> bool
         low = _grads(loss, tuple(args), grad_output=go, **kwargs)[0][index]
         numeric[index] = (high - low) / (2 * eps)
     if loss.spec.hessian_bound:  # an upper bound of the curvature: go * h >= go * d2
-        excess = np.sign(go) * (np.asarray(hess) - numeric)
+        sign = np.sign(go)
+        if sign.ndim and sign.shape != numeric.shape:  # a row loss: classes along dimension 1
+            sign = np.expand_dims(sign, 1)
+        excess = sign * (np.asarray(hess) - numeric)
         scale = np.max(np.abs(numeric), initial=1.0)
         assert np.all(excess >= -1e-5 * scale), "Hessian below the second derivative"
     else:
