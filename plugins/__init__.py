@@ -13,4 +13,5 @@ DEFAULT_PLUGINS = (
     ("binary", "lossforge.plugins.binary"),
     ("multiclass", "lossforge.plugins.multiclass"),
     ("similarity", "lossforge.plugins.similarity"),
+    ("sequence", "lossforge.plugins.sequence"),
 )
