@@ -33,6 +33,7 @@ _dispatcher.get_current_device = lambda: _Device()
 import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
+import lossforge.plugins.sequence.cuda as sequence  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
@@ -45,6 +46,7 @@ def _array(dtype, ndim=1, layout="C"):
 def signatures(dtype):
     a, i, f = _array(dtype), types.int64, types.float64
     index, f64, scratch = _array(np.int64), _array(np.float64), _array(np.float64, 2)
+    boolean, f64x3 = types.boolean, _array(np.float64, 3)
     one = types.UniTuple(f, 1)  # the parameters of a formula without any
     return [
         (rt._gather, (_array(dtype, 8, "A"), a)),
@@ -97,6 +99,10 @@ def signatures(dtype):
             )
             for k in (similarity.COSINE, similarity.EMBEDDING)
         ],
+        (
+            sequence._ctc,
+            (a, i, i, *[index] * 4, i, boolean, boolean, f64x3, f64x3, a, a, a, f, scratch),
+        ),
     ]
 
 

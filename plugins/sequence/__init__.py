@@ -192,18 +192,17 @@ def _reference(
     return np.array(losses) if batched else np.array(losses[0])
 
 
-#: The example's shape: time steps and classes (the batch grows with the size).
-_STEPS, _CLASSES, _WIDTH = 12, 6, 4
-
-
-def _example(rng, size, dtype):
-    batch = max(2, size // (_STEPS * _CLASSES))
-    z = rng.standard_normal((_STEPS, batch, _CLASSES))
+def _example(rng, size, dtype, steps=12, classes=6, width=4):
+    """Log-probabilities of ``steps`` frames of ``classes`` for a batch of about ``size``
+    elements; padded targets of up to ``width`` ids; input lengths long enough for every
+    target."""
+    batch = max(2, size // (steps * classes))
+    z = rng.standard_normal((steps, batch, classes))
     lp = z - np.log(np.exp(z).sum(axis=2, keepdims=True))
-    tl = rng.integers(1, _WIDTH + 1, batch)
-    targets = rng.integers(1, _CLASSES, (batch, _WIDTH))
-    targets[np.arange(_WIDTH) >= tl[:, None]] = 0  # padding, never read
-    il = rng.integers(2 * tl + 1, _STEPS + 1)  # every target reachable
+    tl = rng.integers(max(1, width // 2), width + 1, batch)
+    targets = rng.integers(1, classes, (batch, width))
+    targets[np.arange(width) >= tl[:, None]] = 0  # padding, never read
+    il = rng.integers(np.minimum(2 * tl + 1, steps), steps + 1)
     return (lp.astype(dtype), targets, il, tl), {}
 
 
@@ -214,7 +213,7 @@ def _concatenated(rng, arrays, dtype):
 
 
 def _last_blank(rng, arrays, dtype):  # ids 0 .. C - 2 and blank C - 1
-    return {"targets": arrays[1] - 1, "blank": _CLASSES - 1}
+    return {"targets": arrays[1] - 1, "blank": arrays[0].shape[-1] - 1}
 
 
 def _infeasible(rng, arrays, dtype):
@@ -247,6 +246,8 @@ SPECS = [
         prepare=_prepare,
         reference=_reference,
         example=_example,
+        # speech-like: 200 frames, 30 classes (characters), targets of up to 50
+        example_variants=({"steps": 200, "classes": 30, "width": 50},),
         option_sets=(_concatenated, _last_blank, _infeasible),
         weighted_mean=True,
         gradient_term=_through_log_softmax,

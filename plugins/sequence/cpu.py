@@ -12,6 +12,7 @@ import math
 import numpy as np
 from numba import prange
 
+from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import inline, ordered_sum, parallel_kernel
 
 
@@ -39,43 +40,29 @@ def _skip(targets, off, s):
 
 
 @inline
-def _sample(lp, n, targets, off, length, steps, blank, want_grad, alpha, beta):
-    """The negative log-likelihood of sample ``n``; fills ``alpha`` (and ``beta`` when
-    ``want_grad``) over its first ``steps`` time steps and ``2 * length + 1`` positions."""
-    width = 2 * length + 1
-    if steps == 0:  # no frame: only the empty target is emitted, with probability 1
-        return 0.0 if length == 0 else math.inf
-    for s in range(width):
-        alpha[0, s] = -math.inf
-    alpha[0, 0] = np.float64(lp[0, n, blank])
-    if length > 0:
-        alpha[0, 1] = np.float64(lp[0, n, targets[off]])
-    for t in range(1, steps):
-        for s in range(width):
-            a = alpha[t - 1, s]
-            b = alpha[t - 1, s - 1] if s > 0 else -math.inf
-            c = alpha[t - 1, s - 2] if _skip(targets, off, s) else -math.inf
-            alpha[t, s] = _lse3(a, b, c) + np.float64(lp[t, n, _label(targets, off, s, blank)])
-    last = steps - 1
-    tail = alpha[last, width - 2] if length > 0 else -math.inf
-    nll = -_lse3(alpha[last, width - 1], tail, -math.inf)
-    if want_grad:
-        for s in range(width):
-            beta[last, s] = -math.inf
-        beta[last, width - 1] = np.float64(lp[last, n, blank])
-        if length > 0:
-            beta[last, width - 2] = np.float64(lp[last, n, targets[off + length - 1]])
-        for t in range(last - 1, -1, -1):
-            for s in range(width):
-                a = beta[t + 1, s]
-                b = beta[t + 1, s + 1] if s + 1 < width else -math.inf
-                c = (
-                    beta[t + 1, s + 2]
-                    if s + 2 < width and _skip(targets, off, s + 2)
-                    else -math.inf
-                )
-                beta[t, s] = _lse3(a, b, c) + np.float64(lp[t, n, _label(targets, off, s, blank)])
-    return nll
+def _lse_row(x, y, z, mask, emit, out):
+    """``out[s] = log(exp(x[s]) + exp(y[s]) + exp(z[s] + mask[s])) + emit[s]``: one time
+    step of a recursion, over every position at once. Branch-free, with ``runtime.mathfn``'s
+    exp and log, so that the loop vectorizes; ``mask`` is 0 where the skip transition is
+    allowed, -inf where not. The largest term is ``exp(0) = 1``: two exponentials, not three
+    (this loop is most of the kernel's time)."""
+    for s in range(out.size):
+        a = x[s]
+        b = y[s]
+        c = z[s] + mask[s]
+        hi = a if a > b else b
+        lo = b if a > b else a
+        m = c if c > hi else hi
+        mid = hi if c > hi else c  # {lo, mid, m} are {a, b, c}
+        shift = m if m > -math.inf else 0.0  # three -inf give -inf, not nan (as PyTorch)
+        total = mathfn.exp_nonpositive_f64(lo - shift) + mathfn.exp_nonpositive_f64(mid - shift)
+        out[s] = mathfn.log(1.0 + total) + m + emit[s]
+
+
+@inline
+def _emissions(lp, t, n, ext, out):
+    for s in range(ext.size):
+        out[s] = np.float64(lp[t, n, ext[s]])
 
 
 @parallel_kernel
@@ -86,9 +73,36 @@ def _ctc(lp, targets, offsets, il, tl, blank, zero_infinity, mean, loss_out, gra
     for n in prange(batch):
         off, length, steps = offsets[n], tl[n], il[n]
         width = 2 * length + 1
-        alpha = np.empty((max(steps, 1), width))
-        beta = np.empty((max(steps, 1), width) if want_grad else (0, 0))
-        nll = _sample(lp, n, targets, off, length, steps, blank, want_grad, alpha, beta)
+        ext = np.empty(width, np.int64)  # l'
+        into = np.empty(width)  # 0 where s may be reached from s - 2, else -inf
+        outof = np.empty(width)  # 0 where s + 2 may be reached from s, else -inf
+        for s in range(width):
+            ext[s] = _label(targets, off, s, blank)
+            into[s] = 0.0 if _skip(targets, off, s) else -math.inf
+            outof[s] = 0.0 if s + 2 < width and _skip(targets, off, s + 2) else -math.inf
+        emit = np.empty(width)
+        # alpha's rows start with two -inf (positions -2 and -1), beta's end with two
+        alpha = np.full((max(steps, 1), width + 2), -math.inf)
+        beta = np.full((max(steps, 1) if want_grad else 0, width + 2), -math.inf)
+        nll = 0.0 if length == 0 else math.inf  # no frame: only the empty target
+        if steps > 0:
+            alpha[0, 2] = np.float64(lp[0, n, blank])
+            if length > 0:
+                alpha[0, 3] = np.float64(lp[0, n, ext[1]])
+            for t in range(1, steps):
+                _emissions(lp, t, n, ext, emit)
+                prev = alpha[t - 1]
+                _lse_row(prev[2:], prev[1:-1], prev[:-2], into, emit, alpha[t, 2:])
+            last = steps - 1
+            nll = -_lse3(alpha[last, width + 1], alpha[last, width], -math.inf)
+            if want_grad:
+                beta[last, width - 1] = np.float64(lp[last, n, blank])
+                if length > 0:
+                    beta[last, width - 2] = np.float64(lp[last, n, ext[width - 2]])
+                for t in range(last - 1, -1, -1):
+                    _emissions(lp, t, n, ext, emit)
+                    after = beta[t + 1]
+                    _lse_row(after[:-2], after[1:-1], after[2:], outof, emit, beta[t, :-2])
         zeroed = zero_infinity and nll == math.inf
         if zeroed:
             nll = 0.0
@@ -100,22 +114,26 @@ def _ctc(lp, targets, offsets, il, tl, blank, zero_infinity, mean, loss_out, gra
             g = scale * weight
             if go.size > 0:
                 g *= np.float64(go[n])
-            lcab = np.empty(classes)
+            row = np.empty(classes)
             for t in range(steps_max):
-                row = grad_out[t, n]
+                out = grad_out[t, n]
                 if t >= steps or zeroed:
-                    row[:] = 0.0
+                    out[:] = 0.0
                     continue
-                lcab[:] = -math.inf
-                for s in range(width):
-                    k = _label(targets, off, s, blank)
-                    v = alpha[t, s] + beta[t, s]
-                    m = max(lcab[k], v)
-                    if m != -math.inf:
-                        lcab[k] = math.log(math.exp(lcab[k] - m) + math.exp(v - m)) + m
+                if nll == math.inf:  # no alignment: PyTorch's gradient is nan
+                    out[:] = math.nan
+                    continue
+                # exp(log_probs) less the posterior of each class: the occupancies
+                # exp(alpha + beta + nll - log_probs) of the positions holding it
                 for c in range(classes):
-                    x = np.float64(lp[t, n, c])
-                    row[c] = (math.exp(x) - math.exp(lcab[c] + nll - x)) * g
+                    row[c] = mathfn.exp(np.float64(lp[t, n, c]))
+                _emissions(lp, t, n, ext, emit)
+                for s in range(width):
+                    emit[s] = mathfn.exp(alpha[t, s + 2] + beta[t, s] + nll - emit[s])
+                for s in range(width):
+                    row[ext[s]] -= emit[s]
+                for c in range(classes):
+                    out[c] = row[c] * g
     return ordered_sum(losses)
 
 
