@@ -1,7 +1,7 @@
 """The sequence family: ``ctc_loss`` (Connectionist Temporal Classification) with PyTorch
 2.13's semantics.
 
-The kernels take log-probabilities as ``(T, N, C)`` (an unbatched ``(T, C)`` input is one
+The kernels take float64 log-probabilities as ``(T, N, C)`` (an unbatched ``(T, C)`` input is one
 sample of a ``(T, 1, C)`` one), the targets as one flat int64 array with each sample's
 offset into it (padded ``(N, S)`` targets start at ``n * S``, concatenated ones where the
 previous sample's end), and the lengths as int64 arrays. Targets and lengths are checked
@@ -90,7 +90,11 @@ def _prepare(arrays, options, backend):
     zero_infinity = validate.check_bool("zero_infinity", options["zero_infinity"])
     x = validate.as_array(arrays[0], backend)
     input_dtype = validate.float_dtype("log_probs", x)
-    dtype, result = validate.compute_dtype(input_dtype)
+    _, result = validate.compute_dtype(input_dtype)
+    # float64 whatever the input: the recursions are float64 anyway, and a float32 input's
+    # conversion (and its gradient's) costs ~1% of the kernel, which then compiles for one
+    # dtype instead of two
+    dtype = np.dtype(np.float64)
     if x.ndim not in (2, 3):
         raise ValueError(
             f"log_probs must have shape (T, N, C), or (T, C) unbatched, got {tuple(x.shape)}"
