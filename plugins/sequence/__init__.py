@@ -57,7 +57,8 @@ _DOC = """Connectionist Temporal Classification loss (Graves et al., 2006), as
         Output: a scalar for "mean" and "sum"; (N) (or ()) for "none".
 
     On CUDA, the four arrays must all be device arrays (the targets and lengths are copied
-    to the host for the checks).
+    to the host for the checks). ``lossforge.dask`` does not split it (its arrays have no
+    common shape to chunk along).
 """
 
 
