@@ -14,4 +14,5 @@ DEFAULT_PLUGINS = (
     ("multiclass", "lossforge.plugins.multiclass"),
     ("similarity", "lossforge.plugins.similarity"),
     ("margin", "lossforge.plugins.margin"),
+    ("sequence", "lossforge.plugins.sequence"),
 )

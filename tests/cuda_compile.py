@@ -34,6 +34,7 @@ import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.margin.cuda as margin  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
+import lossforge.plugins.sequence.cuda as sequence  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
 import lossforge.plugins.similarity.overlap_cuda as overlap_cuda  # noqa: E402
 import lossforge.plugins.similarity.triplet_cuda as triplet_cuda  # noqa: E402
@@ -48,6 +49,7 @@ def _array(dtype, ndim=1, layout="C"):
 def signatures(dtype):
     a, i, f = _array(dtype), types.int64, types.float64
     index, f64, scratch = _array(np.int64), _array(np.float64), _array(np.float64, 2)
+    boolean, f64x3 = types.boolean, _array(np.float64, 3)
     one = types.UniTuple(f, 1)  # the parameters of a formula without any
     return [
         (rt._gather, (_array(dtype, 8, "A"), a)),
@@ -105,6 +107,10 @@ def signatures(dtype):
         (overlap_cuda.SUMS, (a, a, i, types.boolean, i, scratch)),
         (overlap_cuda.GRAD, (a, a, i, types.boolean, f64, f64, a)),
         (triplet_cuda.KERNEL, (a, a, a, types.UniTuple(f, 4), i, i, a, a, a, a, a, f, scratch)),
+        (
+            sequence._ctc,
+            (a, i, i, *[index] * 4, i, boolean, boolean, f64x3, f64x3, a, a, a, f, scratch),
+        ),
     ]
 
 

@@ -66,6 +66,16 @@ class LossSpec:
         name in ``options["reduction"]`` and returns a ``Prepared`` with reduction
         ``"mean"`` and that denominator, so that kernels and ``Loss`` know only the three.
         ``Loss.partial`` given one returns its denominator (by default ``"mean"``'s).
+    weighted_mean: ``"mean"`` divides each loss by a weight of its own before averaging
+        (ctc_loss: by its target length), so the ``"sum"`` is not the mean's total: its
+        ``prepare`` returns ``"mean"`` with the plain denominator (the batch size) and the
+        kernels divide; ``Loss.partial`` gives the mean's pair (its total, the denominator).
+    gradient_term: optional ``(arrays, options, grad_output) -> array``, for a loss whose
+        gradient is not the derivative of its value by convention (ctc_loss returns
+        PyTorch's gradient, taken through the ``log_softmax`` its log-probabilities come
+        from): the term the gradient of the first differentiable argument adds to that
+        derivative, for ``reduction="none"`` and ``grad_output``. The conformance kit checks
+        the gradient less this term against finite differences.
     """
 
     name: str
@@ -81,6 +91,8 @@ class LossSpec:
     option_sets: tuple[Mapping[str, Any] | Callable[..., Mapping[str, Any]], ...] = ()
     hessian_bound: bool = False
     reductions: tuple[str, ...] = ()
+    weighted_mean: bool = False
+    gradient_term: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,12 @@ class Loss:
         """``(total, denominator)`` as float64: the summed (weighted) losses and what
         ``"mean"`` divides them by, or, given one of the loss's own reductions
         (``reduction="batchmean"`` for kl_div), what that one divides by. Chunks of a large
-        input combine by adding pairs."""
+        input combine by adding pairs. For a loss whose ``"mean"`` weighs each loss
+        (``LossSpec.weighted_mean``, ctc_loss), always the mean's pair."""
         if not self.reduced:
             raise TypeError(f"{self.name} is not a reduced loss and has no partial reduction")
         if options.get("reduction") not in self.spec.reductions:
-            options["reduction"] = "sum"
+            options["reduction"] = "mean" if self.spec.weighted_mean else "sum"
         p, kernel = self._prepare(arrays, options)
         total = self._kernel_call(kernel, p, None, None, None, 1.0)
         return float(total), float(p.denominator)

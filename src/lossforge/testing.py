@@ -17,8 +17,10 @@ with each of its option sets (``LossSpec.option_sets``, or ``check_loss(option_s
 - ``reference``: the value (``reduction="none"``) agrees with ``LossSpec.reference`` in
   float64, and in float32 to float32 rounding;
 - ``reductions``: ``"sum"`` is the sum of ``"none"``, ``partial`` gives ``("sum",
-  denominator)``, ``"mean"`` is their ratio;
-- ``gradient``: every gradient agrees with central finite differences (float64);
+  denominator)`` (the mean's total for a ``LossSpec.weighted_mean``), ``"mean"`` is their
+  ratio;
+- ``gradient``: every gradient agrees with central finite differences (float64), less the
+  loss's ``LossSpec.gradient_term`` where it declares one;
 - ``grad_output``: gradients scale linearly with ``grad_output``;
 - ``hessian``: where the loss has a Hessian (``Loss.grad_hess``), its gradient and value are
   ``value_and_grad``'s, the Hessian diagonal agrees with central finite differences of the
@@ -222,7 +224,8 @@ def _check_reductions(loss: Any, rng: np.random.Generator, option_set: Any) -> b
     total = loss(*arrays, **dict(options, reduction="sum"))
     _close(total, np.sum(none), 1e-12, "sum vs sum of none", atol=1e-12)
     pair = loss.partial(*arrays, **options)
-    _close(pair[0], total, 1e-14, "partial total vs sum")
+    if not loss.spec.weighted_mean:  # else "sum" is not the mean's total
+        _close(pair[0], total, 1e-14, "partial total vs sum")
     mean = loss(*arrays, **dict(options, reduction="mean"))
     _close(mean, pair[0] / pair[1], 1e-14, "mean vs total / denominator")
     return True
@@ -242,6 +245,8 @@ def _check_gradient(loss: Any, rng: np.random.Generator, option_set: Any) -> boo
     go = rng.standard_normal(np.shape(value))
     kwargs = dict(options, reduction="none") if loss.reduced else dict(options)
     grads = _grads(loss, arrays, grad_output=go, **kwargs)
+    if loss.spec.gradient_term is not None:  # a gradient by convention: check the rest
+        grads = (grads[0] - loss.spec.gradient_term(arrays, kwargs, go), *grads[1:])
     f = _scalarised(loss, options, go)
     eps = 1e-6
     for position, grad in zip(_positions(loss), grads):
