@@ -33,6 +33,7 @@ _dispatcher.get_current_device = lambda: _Device()
 import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
+import lossforge.plugins.regression.cuda as regression_cuda  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
 
 from lossforge.runtime import cuda as rt  # noqa: E402
@@ -80,6 +81,19 @@ def signatures(dtype):
                 binary.MARGIN_RANKING,
             )
         ],
+        *[
+            (
+                rt.elementwise_kernel(
+                    k.formula, k.invalid, k.hessian, f"check_{name}", k.target_grad
+                ),
+                (a, a, a, a, types.UniTuple(f, 2), a, a, a, a, a, f, scratch),
+            )
+            for name, k in [
+                ("gaussian_nll", regression.GAUSSIAN),
+                ("gaussian_nll_hessian", regression.GAUSSIAN_HESSIAN),
+            ]
+        ],
+        (regression_cuda._sum_columns, (a, i, i, a)),
         (
             rt.row_mean_kernel(
                 binary.LOGITS.formula, None, binary.LOGITS.hessian, "check_row_mean"

@@ -1,7 +1,7 @@
 """The regression family: ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``,
-``poisson_nll_loss``, and three losses PyTorch does not have: ``log_cosh_loss``,
-``pinball_loss`` (quantile regression) and ``tweedie_loss`` (XGBoost's and LightGBM's);
-``kl_div`` (family ``"divergence"``).
+``poisson_nll_loss``, ``gaussian_nll_loss``, and three losses PyTorch does not have:
+``log_cosh_loss``, ``pinball_loss`` (quantile regression) and ``tweedie_loss`` (XGBoost's
+and LightGBM's); ``kl_div`` (family ``"divergence"``).
 
 A built-in plugin, registered through the same hooks as any other; its kernels are made from
 the four formulas below by ``lossforge.kernels.Elementwise``.
@@ -20,7 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from lossforge import LossSpec, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, hookimpl, validate
 from lossforge.kernels import Elementwise, prepare
 from lossforge.runtime import mathfn
 
@@ -236,6 +236,151 @@ KERNELS["tweedie_loss"] = (
 )
 
 
+# gaussian_nll_loss: the kernel's arrays are (input, var, -, target), so that the template's
+# second gradient (``target_grad``) is var's and its domain check sees var; p = (eps, c), c
+# the constant term (0.5 log(2 pi) with ``full``, else 0).
+def gaussian_nll(x, y, a, p):
+    """``0.5 (log v + (x - t)^2 / v) + c`` with ``v = max(var, eps)``; gradient ``(x - t) /
+    v``."""
+    eps, c = p
+    v = eps if y < eps else y  # var.clamp(min=eps): nan stays nan
+    d = x - a
+    r = 1.0 / v
+    return 0.5 * (mathfn.log(v) + d * d * r) + c, d * r
+
+
+def gaussian_nll_var(x, y, a, p):
+    """d loss / d var, ``0.5 (1 - (x - t)^2 / v) / v`` at the clamped ``v``: PyTorch clamps
+    under ``no_grad``, so the gradient passes the clamp as an identity (also where var <
+    eps)."""
+    eps, _ = p
+    v = eps if y < eps else y  # var.clamp(min=eps): nan stays nan
+    d = x - a
+    r = 1.0 / v
+    return 0.5 * r * (1.0 - d * d * r)
+
+
+def gaussian_nll_target(x, y, a, p):
+    """d loss / d target, ``-(x - t) / v``: written through the template's third output,
+    which finishes a value as it does the gradient (weight, grad_output, scale)."""
+    eps, _ = p
+    return (a - x) / (eps if y < eps else y)
+
+
+def gaussian_nll_hessian(x, y, a, p):
+    """d^2 loss / d input^2 = ``1 / v``."""
+    eps, _ = p
+    return 1.0 / (eps if y < eps else y)
+
+
+def negative_var(x, y):
+    return y < 0
+
+
+def negative_var_error(index, x, y):
+    return ValueError(f"var has negative entry/entries (found {float(y)!r})")
+
+
+#: value_and_grad's kernel: the input's gradient, var's (``target_grad``) and the target's
+#: (the Hessian's output slot); grad_hess's: the input's gradient and Hessian diagonal.
+GAUSSIAN = Elementwise(
+    gaussian_nll,
+    target_grad=gaussian_nll_var,
+    hessian=gaussian_nll_target,
+    invalid=negative_var,
+    error=negative_var_error,
+)
+GAUSSIAN_HESSIAN = Elementwise(
+    gaussian_nll, hessian=gaussian_nll_hessian, invalid=negative_var, error=negative_var_error
+)
+#: The default ``eps`` of gaussian_nll_loss.
+DEFAULT_GAUSSIAN_EPS = 1e-6
+HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def var_axes(shape, var_shape):
+    """``(outer, middle, inner)``: var's full-size gradient, reshaped so, is summed over its
+    middle axis to var's shape (its one broadcast axis, or every axis for a scalar var);
+    ``None`` where var has the input's shape."""
+    if var_shape == shape:
+        return None
+    n = math.prod(shape)
+    if not var_shape:
+        return 1, n, 1
+    if var_shape == shape[:-1]:
+        var_shape = (*var_shape, 1)
+    axes = [i for i, (s, v) in enumerate(zip(shape, var_shape)) if s != v]
+    if not axes:  # var (N,) for an input (N, 1)
+        return n, 1, 1
+    (axis,) = axes
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def gaussian_nll_cpu(p, loss_out, grads, grad_output, scale):
+    """value_and_grad's CPU kernel: one pass writes all three gradients; var's, where var
+    was broadcast, into a full-size buffer summed afterwards over the broadcast axis in
+    float64 (NumPy's sum along an axis: the same order on every call)."""
+    if not grads:
+        return GAUSSIAN.cpu(p, loss_out, grads, grad_output, scale)
+    g_input, g_target, g_var = grads
+    axes = var_axes(p.value_shape, p.grad_shapes[2])
+    full = g_var if axes is None else np.empty(p.value_shape, p.dtype)
+    total = GAUSSIAN.cpu_hessian(p, loss_out, (g_input, full), (g_target,), grad_output, scale)
+    if axes is not None:
+        summed = full.reshape(axes).sum(axis=1, dtype=np.float64)
+        g_var[...] = summed.reshape(g_var.shape)
+    return total
+
+
+def _prepare_gaussian(arrays, options, backend):
+    """PyTorch 2.13's checks of var: a number or an array; negative entries are a
+    ValueError (arrays: by the kernel's domain check); an array of the input's shape, of it
+    without its last dimension (a trailing 1 is added), or of its number of dimensions with
+    exactly one of size 1 where the input's is not, else "var is of incorrect size"."""
+    input, target, var = arrays
+    params = {
+        "eps": validate.check_real("eps", options["eps"]),
+        "constant": HALF_LOG_TWO_PI if validate.check_bool("full", options["full"]) else 0.0,
+    }
+    x = validate.as_array(input, backend)
+    shape = tuple(x.shape)
+    if isinstance(var, (int, float, np.integer, np.floating)) and not isinstance(var, bool):
+        value = validate.check_real("var", var)
+        if value < 0:
+            raise ValueError(f"var has negative entry/entries (got {value!r})")
+        var_shape: tuple = ()
+        # PyTorch: var * ones_like(input), in the input's dtype
+        host = np.asarray(value, x.dtype if x.dtype.kind == "f" else np.float64)
+        v = validate.as_array(host, backend)
+    else:
+        v = validate.as_array(var, backend)
+        validate.float_dtype("var", v)
+        var_shape = tuple(v.shape)
+        if var_shape != shape:
+            if var_shape == shape[:-1]:
+                v = v.reshape((*var_shape, 1))
+            elif len(var_shape) != len(shape) or (
+                sum(b for a, b in zip(shape, var_shape) if a != b) != 1
+            ):
+                raise ValueError(
+                    f"var is of incorrect size: {var_shape} for an input of shape {shape}"
+                )
+    try:  # (broadcast_to's view is read-only, a kernel signature of its own: not for var
+        # of the input's shape, the common case)
+        v = v if tuple(v.shape) == shape else validate.broadcast_to(v, shape, backend)
+    except ValueError:
+        raise ValueError(
+            f"var is of incorrect size: {var_shape} for an input of shape {shape}"
+        ) from None
+    p = prepare(
+        (x, v, target), options, backend, names=("input", "var", "target"), params=params, grads=3
+    )
+    result, dt_input, dt_var, dt_target = p.result_dtypes
+    p.grad_shapes = (shape, shape, var_shape)
+    p.result_dtypes = (result, dt_input, dt_target, dt_var)
+    return p
+
+
 def _open_interval(name, value, lo, hi):
     value = validate.check_real(name, value)
     if not lo < value < hi:  # also rejects nan
@@ -415,6 +560,34 @@ def _weight(rng, arrays, dtype):  # an option set for the conformance kit
     return {"weight": rng.uniform(0.5, 2.0, np.shape(arrays[0])).astype(dtype)}
 
 
+def _ref_gaussian(input, target, var, full=False, eps=DEFAULT_GAUSSIAN_EPS, **_):
+    x, t = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    v = np.asarray(var, np.float64)
+    if v.shape != x.shape and v.shape == x.shape[:-1]:
+        v = v[..., None]
+    v = np.maximum(v, eps)  # nan stays nan
+    loss = 0.5 * (np.log(v) + (x - t) ** 2 / v) + (0.5 * np.log(2 * np.pi) if full else 0.0)
+    return np.broadcast_to(loss, x.shape)
+
+
+def _example_gaussian(rng, size, dtype):
+    """Means, samples and a variance per element, away from the eps clamp."""
+    (x, t), _ = _example(rng, size, dtype)
+    return (x, t, rng.uniform(0.2, 2.0, x.shape).astype(dtype)), {}
+
+
+def _var_per_row(rng, arrays, dtype):  # option sets: var broadcast over the last axis
+    return {"var": rng.uniform(0.2, 2.0, np.shape(arrays[0])[:-1]).astype(dtype)}
+
+
+def _var_column(rng, arrays, dtype):
+    return {"var": rng.uniform(0.2, 2.0, (*np.shape(arrays[0])[:-1], 1)).astype(dtype)}
+
+
+def _var_per_column(rng, arrays, dtype):  # broadcast over the first axis
+    return {"var": rng.uniform(0.2, 2.0, (1, *np.shape(arrays[0])[1:])).astype(dtype)}
+
+
 SPECS = [
     LossSpec(
         name="mse_loss",
@@ -573,6 +746,45 @@ SPECS = [
 {_SHAPE_NO_WEIGHT}""",
     ),
     LossSpec(
+        name="gaussian_nll_loss",
+        family="regression",
+        arguments=("input", "target", "var"),
+        differentiable=("input", "target", "var"),
+        options={"full": False, "eps": DEFAULT_GAUSSIAN_EPS, "reduction": "mean"},
+        prepare=_prepare_gaussian,
+        reference=_ref_gaussian,
+        example=_example_gaussian,
+        option_sets=(
+            {"full": True, "eps": 1e-3},
+            _var_per_row,
+            _var_column,
+            _var_per_column,
+        ),
+        doc="""Gaussian negative log likelihood of ``target`` under means ``input`` and variances
+    ``var``, PyTorch 2.13's ``gaussian_nll_loss``:
+    ``0.5 * (log(v) + (input - target) ** 2 / v)`` with ``v = max(var, eps)``, plus
+    ``0.5 * log(2 pi)`` with ``full``. ``"mean"`` divides by the element count.
+
+    ``var`` is an array of the input's shape (one variance per element), of the input's
+    shape without its last dimension, or of the input's number of dimensions with one
+    dimension of size 1 where the input's is not (one variance shared along that axis); or a
+    number (one for all; PyTorch takes a Python float, lossforge any real number). Any other
+    shape is a ``ValueError`` ("var is of incorrect size"), and so is a negative entry ("var
+    has negative entry/entries"). ``nan`` in var propagates.
+
+    Gradients (``grad`` returns three, for ``input``, ``target`` and ``var``):
+    ``(input - target) / v``, its negative, and ``0.5 * (1 - (input - target) ** 2 / v) / v``
+    summed over the axis along which var was broadcast (in float64, in a fixed order), so
+    of var's shape (0-d for a number). As in PyTorch, where ``eps`` clamps var the clamp
+    is done outside autograd: var's gradient is the formula's at ``v = eps``, not 0.
+    Hessian diagonal (``grad_hess``, for ``input``): ``1 / v``.
+
+    Shape:
+        input: any shape. target: the input's shape (lossforge does not broadcast it).
+        var: see above. Output: a scalar for "mean" and "sum"; the input's shape for "none".
+""",
+    ),
+    LossSpec(
         name="kl_div",
         family="divergence",
         arguments=("input", "target"),
@@ -609,5 +821,14 @@ def lossforge_losses():
 def lossforge_kernels():
     for name, (kernel, defaults) in KERNELS.items():
         yield from kernel.specs(name, defaults)
+    yield KernelSpec(
+        "gaussian_nll_loss", "cpu", gaussian_nll_cpu, hessian=GAUSSIAN_HESSIAN.cpu_hessian
+    )
+    yield KernelSpec(
+        "gaussian_nll_loss",
+        "cuda",
+        "lossforge.plugins.regression.cuda:gaussian_nll",
+        hessian=GAUSSIAN_HESSIAN.cuda_hessian,
+    )
     for spec in KL_DIV.specs("kl_div"):  # no fast lane: the default "mean" warns
         yield dataclasses.replace(spec, fast=None)
