@@ -64,6 +64,9 @@ def signatures(dtype):
                 (regression.KERNELS["smooth_l1_loss"][0], types.UniTuple(f, 2)),
                 (regression.KERNELS["huber_loss"][0], types.UniTuple(f, 1)),
                 (regression.KERNELS["poisson_nll_loss"][0], types.UniTuple(f, 3)),
+                (regression.KERNELS["log_cosh_loss"][0], types.UniTuple(f, 1)),
+                (regression.KERNELS["tweedie_loss"][0], types.UniTuple(f, 1)),
+                (regression.KL_DIV, types.UniTuple(f, 1)),
             ]
         ],
         *[

@@ -149,7 +149,15 @@ KERNELS = {
         (1.0, 0.0, DEFAULT_POISSON_EPS),
     ),
 }
-KL_DIV = Elementwise(kl_div)
+
+
+def kl_div_hessian(x, y, a, p):
+    """0: the pointwise loss is linear in the input (the curvature of a KL objective comes
+    from the log-softmax that makes the input, outside this loss)."""
+    return 0.0
+
+
+KL_DIV = Elementwise(kl_div, hessian=kl_div_hessian)
 
 
 def log_cosh(x, y, a, p):
@@ -181,6 +189,13 @@ def log_cosh(x, y, a, p):
     loss = c * z if small else ad + mathfn.log1p(e) - LOG_TWO
     g = t * ad if small else (1.0 - e) / (1.0 + e)
     return loss, (-g if d < 0 else g)
+
+
+def log_cosh_hessian(x, y, a, p):
+    """``1 - tanh(d)^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|d|)``: no cancellation at any
+    ``d``, 0 once ``e`` underflows."""
+    e = mathfn.exp_nonpositive(-2.0 * abs(x - y))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 def _tanh_coefficients(terms):
@@ -217,6 +232,14 @@ def tweedie(x, y, a, p):
     return v / (2.0 - power) - y * u / (1.0 - power), v - y * u
 
 
+def tweedie_hessian(x, y, a, p):
+    """``(2 - p) exp((2 - p) x) - (1 - p) y exp((1 - p) x)``, > 0 for ``y >= 0`` (XGBoost's)."""
+    (power,) = p
+    u = mathfn.exp((1.0 - power) * x)
+    v = mathfn.exp((2.0 - power) * x)
+    return (2.0 - power) * v - (1.0 - power) * y * u
+
+
 def negative_target(x, y):
     return y < 0
 
@@ -228,10 +251,14 @@ def negative_target_error(index, x, y):
 #: The defaults of pinball_loss's ``quantile`` and tweedie_loss's ``power`` (XGBoost's
 #: ``tweedie_variance_power``, LightGBM's default too).
 DEFAULT_QUANTILE, DEFAULT_POWER = 0.5, 1.5
-KERNELS["log_cosh_loss"] = (Elementwise(log_cosh), ())
-KERNELS["pinball_loss"] = (Elementwise(pinball), (DEFAULT_QUANTILE,))
+KERNELS["log_cosh_loss"] = (Elementwise(log_cosh, hessian=log_cosh_hessian), ())
+# pinball's pieces are linear: its Hessian is l1's, 1 (LightGBM's quantile objective and
+# XGBoost's reg:quantileerror use 1 too), an upper bound of the true 0
+KERNELS["pinball_loss"] = (Elementwise(pinball, hessian=unit_hessian), (DEFAULT_QUANTILE,))
 KERNELS["tweedie_loss"] = (
-    Elementwise(tweedie, invalid=negative_target, error=negative_target_error),
+    Elementwise(
+        tweedie, hessian=tweedie_hessian, invalid=negative_target, error=negative_target_error
+    ),
     (DEFAULT_POWER,),
 )
 
@@ -702,7 +729,8 @@ SPECS = [
         doc=f"""Log-cosh loss (Keras's ``log_cosh``, not in PyTorch): ``log(cosh(d))`` with
     ``d = input - target``, computed as ``|d| + log1p(exp(-2|d|)) - log 2`` so that it stays
     finite for any finite ``d``: about ``d**2 / 2`` for small ``|d|``, ``|d| - log 2`` for large.
-    Gradient: ``tanh(d)``. ``"mean"`` divides by the element count.
+    Gradient: ``tanh(d)``; Hessian diagonal (``grad_hess``): ``1 - tanh(d)**2``.
+    ``"mean"`` divides by the element count.
 {_SHAPE_NO_WEIGHT}""",
     ),
     LossSpec(
@@ -715,13 +743,17 @@ SPECS = [
         reference=_ref_pinball,
         example=_example,
         option_sets=({"quantile": 0.1}, {"quantile": 0.9}),
+        hessian_bound=True,
         doc=f"""Pinball (quantile) loss for the ``quantile`` q in (0, 1) (scikit-learn's
     ``mean_pinball_loss``, LightGBM's ``quantile``): ``max(q d, (q - 1) d)`` with
     ``d = target - input``; its minimiser is the q-quantile of the target. Gradient: ``-q``
     where the input is below the target, ``1 - q`` above, and ``0.5 - q`` where they are equal
     (the middle of the subgradients, as PyTorch's autograd gives for ``torch.maximum``; for
     q = 0.5 the loss is half ``l1_loss`` and that gradient is 0, as ``l1_loss``'s).
-    ``"mean"`` divides by the element count.
+    Hessian diagonal (``grad_hess``): 1 everywhere, not the true 0 of the linear pieces,
+    which would make a Newton step infinite (as ``l1_loss``; LightGBM's ``quantile`` and
+    XGBoost's ``reg:quantileerror`` objectives use 1 too). ``"mean"`` divides by the element
+    count.
 {_SHAPE_NO_WEIGHT}""",
     ),
     LossSpec(
@@ -741,7 +773,8 @@ SPECS = [
     ``loss = exp((2 - p) x) / (2 - p) - y exp((1 - p) x) / (1 - p)``, the likelihood's terms
     that depend on the prediction (XGBoost's ``tweedie-nloglik`` metric; the terms of the
     target alone are left out, so the loss is not 0 at its minimum ``x = log y``).
-    Gradient: ``exp((2 - p) x) - y exp((1 - p) x)``. The target must be >= 0: a negative
+    Gradient: ``exp((2 - p) x) - y exp((1 - p) x)``; Hessian diagonal (``grad_hess``):
+    ``(2 - p) exp((2 - p) x) - (1 - p) y exp((1 - p) x)``. The target must be >= 0: a negative
     one is a ``ValueError`` (XGBoost refuses it too). ``"mean"`` divides by the element count.
 {_SHAPE_NO_WEIGHT}""",
     ),
@@ -799,7 +832,9 @@ SPECS = [
     log-probabilities are ``input``, pointwise as PyTorch 2.13:
     ``xlogy(target, target) - target * input`` (0 where ``target == 0``), or, with
     ``log_target``, ``exp(target) * (target - input)``. Gradient (for ``input`` only):
-    ``-target``, or ``-exp(target)``.
+    ``-target``, or ``-exp(target)``. Hessian diagonal (``grad_hess``): 0, exactly: the
+    pointwise loss is linear in the input (the curvature of a KL objective over
+    log-probabilities comes from the log-softmax that makes them).
 
     ``reduction``: ``"batchmean"`` divides the sum by the size of the first dimension (the
     batch; 1 for a 0-d input): the KL divergence per sample, what most callers want.
