@@ -14,6 +14,7 @@ broadcasts with a warning; lossforge refuses with ``ValueError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from fractions import Fraction
@@ -122,6 +123,37 @@ def poisson_nll_hessian(x, y, a, p):
 LOG_TWO_PI = math.log(2.0 * math.pi)
 
 
+def poisson_nll_log_rate(x, y, a, p):
+    """``poisson_nll`` with its default options (log_input, not full): ``exp(x) - y x``."""
+    ex = mathfn.exp(x)
+    return ex - y * x, ex - y
+
+
+def exp_hessian(x, y, a, p):
+    return mathfn.exp(x)
+
+
+POISSON = Elementwise(poisson_nll, hessian=poisson_nll_hessian)
+# The default options get a kernel of their own: the general formula's loop runs ~12x
+# slower (10^6 float32, one thread, measured side by side in one process): its selects on
+# an option and the element (full's ``y > 1``), or the unused logs, keep LLVM from
+# vectorizing the exp; the default formula alone vectorizes as mse's loop does.
+POISSON_LOG_RATE = Elementwise(poisson_nll_log_rate, hessian=exp_hessian)
+POISSON_DEFAULTS = (1.0, 0.0, DEFAULT_POISSON_EPS)
+
+
+def _poisson_kernel(method):
+    """The ``KernelSpec`` function ``method`` of the kernel for a call's options."""
+
+    def kernel(p, *args):
+        params = p.params
+        chosen = POISSON_LOG_RATE if params["log_input"] and not params["full"] else POISSON
+        return getattr(chosen, method)(p, *args)
+
+    kernel.__name__ = kernel.__qualname__ = f"poisson_nll_{method}"
+    return kernel
+
+
 def kl_div(x, y, a, p):
     """p = (log_target,) as 1.0 or 0.0. PyTorch's pointwise ``xlogy(y, y) - y x`` (0 where
     ``y == 0``, nan for ``y < 0``), or ``exp(y) (y - x)`` for a log target; gradient ``-y``
@@ -144,10 +176,6 @@ KERNELS = {
         (DEFAULT_BETA, DEFAULT_BETA),
     ),
     "huber_loss": (Elementwise(huber, hessian=unit_hessian, wide=("float32",)), (DEFAULT_DELTA,)),
-    "poisson_nll_loss": (
-        Elementwise(poisson_nll, hessian=poisson_nll_hessian),
-        (1.0, 0.0, DEFAULT_POISSON_EPS),
-    ),
 }
 
 
@@ -856,6 +884,11 @@ def lossforge_losses():
 def lossforge_kernels():
     for name, (kernel, defaults) in KERNELS.items():
         yield from kernel.specs(name, defaults)
+    fast = functools.partial(POISSON_LOG_RATE.fast, params=POISSON_DEFAULTS)
+    cpu, hessian = _poisson_kernel("cpu"), _poisson_kernel("cpu_hessian")
+    yield KernelSpec("poisson_nll_loss", "cpu", cpu, fast=fast, hessian=hessian)
+    cuda, hessian = _poisson_kernel("cuda"), _poisson_kernel("cuda_hessian")
+    yield KernelSpec("poisson_nll_loss", "cuda", cuda, hessian=hessian)
     yield KernelSpec(
         "gaussian_nll_loss", "cpu", gaussian_nll_cpu, hessian=GAUSSIAN_HESSIAN.cpu_hessian
     )
