@@ -862,7 +862,8 @@ SPECS = [
     ``log_target``, ``exp(target) * (target - input)``. Gradient (for ``input`` only):
     ``-target``, or ``-exp(target)``. Hessian diagonal (``grad_hess``): 0, exactly: the
     pointwise loss is linear in the input (the curvature of a KL objective over
-    log-probabilities comes from the log-softmax that makes them).
+    log-probabilities comes from the log-softmax that makes them; with a zero Hessian it
+    makes no gradient-boosting objective on its own).
 
     ``reduction``: ``"batchmean"`` divides the sum by the size of the first dimension (the
     batch; 1 for a 0-d input): the KL divergence per sample, what most callers want.
