@@ -34,6 +34,7 @@ import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.margin.cuda as margin  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
+import lossforge.plugins.regression.cuda as regression_cuda  # noqa: E402
 import lossforge.plugins.sequence.cuda as sequence  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
 import lossforge.plugins.similarity.overlap_cuda as overlap_cuda  # noqa: E402
@@ -67,7 +68,11 @@ def signatures(dtype):
                 (regression.KERNELS["l1_loss"][0], types.UniTuple(f, 1)),
                 (regression.KERNELS["smooth_l1_loss"][0], types.UniTuple(f, 2)),
                 (regression.KERNELS["huber_loss"][0], types.UniTuple(f, 1)),
-                (regression.KERNELS["poisson_nll_loss"][0], types.UniTuple(f, 3)),
+                (regression.POISSON, types.UniTuple(f, 3)),
+                (regression.POISSON_LOG_RATE, types.UniTuple(f, 3)),
+                (regression.KERNELS["log_cosh_loss"][0], types.UniTuple(f, 1)),
+                (regression.KERNELS["tweedie_loss"][0], types.UniTuple(f, 1)),
+                (regression.KL_DIV, types.UniTuple(f, 1)),
             ]
         ],
         *[
@@ -85,6 +90,19 @@ def signatures(dtype):
                 binary.MARGIN_RANKING,
             )
         ],
+        *[
+            (
+                rt.elementwise_kernel(
+                    k.formula, k.invalid, k.hessian, f"check_{name}", k.target_grad
+                ),
+                (a, a, a, a, types.UniTuple(f, 2), a, a, a, a, a, f, scratch),
+            )
+            for name, k in [
+                ("gaussian_nll", regression.GAUSSIAN),
+                ("gaussian_nll_hessian", regression.GAUSSIAN_HESSIAN),
+            ]
+        ],
+        (regression_cuda._sum_columns, (a, i, i, a)),
         (
             rt.row_mean_kernel(
                 binary.LOGITS.formula, None, binary.LOGITS.hessian, "check_row_mean"

@@ -245,18 +245,7 @@ def _prepare_hinge_embedding(arrays, options, backend):
 def _prepare_margin_ranking(arrays, options, backend):
     margin = validate.check_real("margin", options["margin"])
     names = ("input1", "input2", "target")
-    (x1, x2, t), w, dtype, dtypes, shape = validate.elementwise(arrays, names, None, backend)
-    return Prepared(
-        arrays=(x1, x2, w, t),
-        params={"margin": margin},
-        reduction=options["reduction"],
-        denominator=float(math.prod(shape)),
-        value_shape=shape,
-        grad_shapes=(shape, shape),
-        dtype=dtype,
-        result_dtypes=dtypes[:3],
-        backend=backend,
-    )
+    return prepare(arrays, options, backend, names=names, params={"margin": margin}, grads=2)
 
 
 def _prepare_multilabel(arrays, options, backend):

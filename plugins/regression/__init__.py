@@ -1,7 +1,7 @@
 """The regression family: ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``,
-``poisson_nll_loss``, and three losses PyTorch does not have: ``log_cosh_loss``,
-``pinball_loss`` (quantile regression) and ``tweedie_loss`` (XGBoost's and LightGBM's);
-``kl_div`` (family ``"divergence"``).
+``poisson_nll_loss``, ``gaussian_nll_loss``, and three losses PyTorch does not have:
+``log_cosh_loss``, ``pinball_loss`` (quantile regression) and ``tweedie_loss`` (XGBoost's
+and LightGBM's); ``kl_div`` (family ``"divergence"``).
 
 A built-in plugin, registered through the same hooks as any other; its kernels are made from
 the four formulas below by ``lossforge.kernels.Elementwise``.
@@ -14,13 +14,14 @@ broadcasts with a warning; lossforge refuses with ``ValueError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from fractions import Fraction
 
 import numpy as np
 
-from lossforge import LossSpec, hookimpl, validate
+from lossforge import KernelSpec, LossSpec, hookimpl, validate
 from lossforge.kernels import Elementwise, prepare
 from lossforge.runtime import mathfn
 
@@ -122,6 +123,37 @@ def poisson_nll_hessian(x, y, a, p):
 LOG_TWO_PI = math.log(2.0 * math.pi)
 
 
+def poisson_nll_log_rate(x, y, a, p):
+    """``poisson_nll`` with its default options (log_input, not full): ``exp(x) - y x``."""
+    ex = mathfn.exp(x)
+    return ex - y * x, ex - y
+
+
+def exp_hessian(x, y, a, p):
+    return mathfn.exp(x)
+
+
+POISSON = Elementwise(poisson_nll, hessian=poisson_nll_hessian)
+# The default options get a kernel of their own: the general formula's loop runs ~12x
+# slower (10^6 float32, one thread, measured side by side in one process): its selects on
+# an option and the element (full's ``y > 1``), or the unused logs, keep LLVM from
+# vectorizing the exp; the default formula alone vectorizes as mse's loop does.
+POISSON_LOG_RATE = Elementwise(poisson_nll_log_rate, hessian=exp_hessian)
+POISSON_DEFAULTS = (1.0, 0.0, DEFAULT_POISSON_EPS)
+
+
+def _poisson_kernel(method):
+    """The ``KernelSpec`` function ``method`` of the kernel for a call's options."""
+
+    def kernel(p, *args):
+        params = p.params
+        chosen = POISSON_LOG_RATE if params["log_input"] and not params["full"] else POISSON
+        return getattr(chosen, method)(p, *args)
+
+    kernel.__name__ = kernel.__qualname__ = f"poisson_nll_{method}"
+    return kernel
+
+
 def kl_div(x, y, a, p):
     """p = (log_target,) as 1.0 or 0.0. PyTorch's pointwise ``xlogy(y, y) - y x`` (0 where
     ``y == 0``, nan for ``y < 0``), or ``exp(y) (y - x)`` for a log target; gradient ``-y``
@@ -144,12 +176,16 @@ KERNELS = {
         (DEFAULT_BETA, DEFAULT_BETA),
     ),
     "huber_loss": (Elementwise(huber, hessian=unit_hessian, wide=("float32",)), (DEFAULT_DELTA,)),
-    "poisson_nll_loss": (
-        Elementwise(poisson_nll, hessian=poisson_nll_hessian),
-        (1.0, 0.0, DEFAULT_POISSON_EPS),
-    ),
 }
-KL_DIV = Elementwise(kl_div)
+
+
+def kl_div_hessian(x, y, a, p):
+    """0: the pointwise loss is linear in the input (the curvature of a KL objective comes
+    from the log-softmax that makes the input, outside this loss)."""
+    return 0.0
+
+
+KL_DIV = Elementwise(kl_div, hessian=kl_div_hessian)
 
 
 def log_cosh(x, y, a, p):
@@ -181,6 +217,13 @@ def log_cosh(x, y, a, p):
     loss = c * z if small else ad + mathfn.log1p(e) - LOG_TWO
     g = t * ad if small else (1.0 - e) / (1.0 + e)
     return loss, (-g if d < 0 else g)
+
+
+def log_cosh_hessian(x, y, a, p):
+    """``1 - tanh(d)^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|d|)``: no cancellation at any
+    ``d``, 0 once ``e`` underflows."""
+    e = mathfn.exp_nonpositive(-2.0 * abs(x - y))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 def _tanh_coefficients(terms):
@@ -217,6 +260,14 @@ def tweedie(x, y, a, p):
     return v / (2.0 - power) - y * u / (1.0 - power), v - y * u
 
 
+def tweedie_hessian(x, y, a, p):
+    """``(2 - p) exp((2 - p) x) - (1 - p) y exp((1 - p) x)``, > 0 for ``y >= 0`` (XGBoost's)."""
+    (power,) = p
+    u = mathfn.exp((1.0 - power) * x)
+    v = mathfn.exp((2.0 - power) * x)
+    return (2.0 - power) * v - (1.0 - power) * y * u
+
+
 def negative_target(x, y):
     return y < 0
 
@@ -228,12 +279,161 @@ def negative_target_error(index, x, y):
 #: The defaults of pinball_loss's ``quantile`` and tweedie_loss's ``power`` (XGBoost's
 #: ``tweedie_variance_power``, LightGBM's default too).
 DEFAULT_QUANTILE, DEFAULT_POWER = 0.5, 1.5
-KERNELS["log_cosh_loss"] = (Elementwise(log_cosh), ())
-KERNELS["pinball_loss"] = (Elementwise(pinball), (DEFAULT_QUANTILE,))
+KERNELS["log_cosh_loss"] = (Elementwise(log_cosh, hessian=log_cosh_hessian), ())
+# pinball's pieces are linear: its Hessian is l1's, 1 (LightGBM's quantile objective and
+# XGBoost's reg:quantileerror use 1 too), an upper bound of the true 0
+KERNELS["pinball_loss"] = (Elementwise(pinball, hessian=unit_hessian), (DEFAULT_QUANTILE,))
 KERNELS["tweedie_loss"] = (
-    Elementwise(tweedie, invalid=negative_target, error=negative_target_error),
+    Elementwise(
+        tweedie, hessian=tweedie_hessian, invalid=negative_target, error=negative_target_error
+    ),
     (DEFAULT_POWER,),
 )
+
+
+# gaussian_nll_loss: the kernel's arrays are (input, var, -, target), so that the template's
+# second gradient (``target_grad``) is var's and its domain check sees var; p = (eps, c), c
+# the constant term (0.5 log(2 pi) with ``full``, else 0).
+def gaussian_nll(x, y, a, p):
+    """``0.5 (log v + (x - t)^2 / v) + c`` with ``v = max(var, eps)``; gradient ``(x - t) /
+    v``."""
+    eps, c = p
+    v = eps if y < eps else y  # var.clamp(min=eps): nan stays nan
+    d = x - a
+    r = 1.0 / v
+    return 0.5 * (mathfn.log(v) + d * d * r) + c, d * r
+
+
+def gaussian_nll_var(x, y, a, p):
+    """d loss / d var, ``0.5 (1 - (x - t)^2 / v) / v`` at the clamped ``v``: PyTorch clamps
+    under ``no_grad``, so the gradient passes the clamp as an identity (also where var <
+    eps)."""
+    eps, _ = p
+    v = eps if y < eps else y  # var.clamp(min=eps): nan stays nan
+    d = x - a
+    r = 1.0 / v
+    return 0.5 * r * (1.0 - d * d * r)
+
+
+def gaussian_nll_target(x, y, a, p):
+    """d loss / d target, ``-(x - t) / v``: written through the template's third output,
+    which finishes a value as it does the gradient (weight, grad_output, scale)."""
+    eps, _ = p
+    return (a - x) / (eps if y < eps else y)
+
+
+def gaussian_nll_hessian(x, y, a, p):
+    """d^2 loss / d input^2 = ``1 / v``."""
+    eps, _ = p
+    return 1.0 / (eps if y < eps else y)
+
+
+def negative_var(x, y):
+    return y < 0
+
+
+def negative_var_error(index, x, y):
+    return ValueError(f"var has negative entry/entries (found {float(y)!r})")
+
+
+#: value_and_grad's kernel: the input's gradient, var's (``target_grad``) and the target's
+#: (the Hessian's output slot); grad_hess's: the input's gradient and Hessian diagonal.
+GAUSSIAN = Elementwise(
+    gaussian_nll,
+    target_grad=gaussian_nll_var,
+    hessian=gaussian_nll_target,
+    invalid=negative_var,
+    error=negative_var_error,
+)
+GAUSSIAN_HESSIAN = Elementwise(
+    gaussian_nll, hessian=gaussian_nll_hessian, invalid=negative_var, error=negative_var_error
+)
+#: The default ``eps`` of gaussian_nll_loss.
+DEFAULT_GAUSSIAN_EPS = 1e-6
+HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def var_axes(shape, var_shape):
+    """``(outer, middle, inner)``: var's full-size gradient, reshaped so, is summed over its
+    middle axis to var's shape (its one broadcast axis, or every axis for a scalar var);
+    ``None`` where var has the input's shape."""
+    if var_shape == shape:
+        return None
+    n = math.prod(shape)
+    if not var_shape:
+        return 1, n, 1
+    if var_shape == shape[:-1]:
+        var_shape = (*var_shape, 1)
+    axes = [i for i, (s, v) in enumerate(zip(shape, var_shape)) if s != v]
+    if not axes:  # var (N,) for an input (N, 1)
+        return n, 1, 1
+    (axis,) = axes
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def gaussian_nll_cpu(p, loss_out, grads, grad_output, scale):
+    """value_and_grad's CPU kernel: one pass writes all three gradients; var's, where var
+    was broadcast, into a full-size buffer summed afterwards over the broadcast axis in
+    float64 (NumPy's sum along an axis: the same order on every call)."""
+    if not grads:
+        return GAUSSIAN.cpu(p, loss_out, grads, grad_output, scale)
+    g_input, g_target, g_var = grads
+    axes = var_axes(p.value_shape, p.grad_shapes[2])
+    full = g_var if axes is None else np.empty(p.value_shape, p.dtype)
+    total = GAUSSIAN.cpu_hessian(p, loss_out, (g_input, full), (g_target,), grad_output, scale)
+    if axes is not None:
+        summed = full.reshape(axes).sum(axis=1, dtype=np.float64)
+        g_var[...] = summed.reshape(g_var.shape)
+    return total
+
+
+def _prepare_gaussian(arrays, options, backend):
+    """PyTorch 2.13's checks of var: a number or an array; negative entries are a
+    ValueError (arrays: by the kernel's domain check); an array of the input's shape, of it
+    without its last dimension (a trailing 1 is added), or of its number of dimensions with
+    exactly one of size 1 where the input's is not, else "var is of incorrect size"."""
+    input, target, var = arrays
+    params = {
+        "eps": validate.check_real("eps", options["eps"]),
+        "constant": HALF_LOG_TWO_PI if validate.check_bool("full", options["full"]) else 0.0,
+    }
+    x = validate.as_array(input, backend)
+    shape = tuple(x.shape)
+    if isinstance(var, (int, float, np.integer, np.floating)) and not isinstance(var, bool):
+        value = validate.check_real("var", var)
+        if value < 0:
+            raise ValueError(f"var has negative entry/entries (got {value!r})")
+        var_shape: tuple = ()
+        # PyTorch: var * ones_like(input), in the input's dtype
+        host = np.asarray(value, x.dtype if x.dtype.kind == "f" else np.float64)
+        v = validate.as_array(host, backend)
+    else:
+        v = validate.as_array(var, backend)
+        validate.float_dtype("var", v)
+        var_shape = tuple(v.shape)
+        if var_shape != shape:
+            if var_shape == shape[:-1]:
+                v = v.reshape((*var_shape, 1))
+            elif len(var_shape) != len(shape) or (
+                sum(b for a, b in zip(shape, var_shape) if a != b) != 1
+            ):
+                raise ValueError(
+                    f"var is of incorrect size: {var_shape} for an input of shape {shape}"
+                )
+    try:  # (broadcast_to's view is read-only, a kernel signature of its own: not for var
+        # of the input's shape, the common case)
+        v = v if tuple(v.shape) == shape else validate.broadcast_to(v, shape, backend)
+    except ValueError:
+        raise ValueError(
+            f"var is of incorrect size: {var_shape} for an input of shape {shape}"
+        ) from None
+    p = prepare(
+        (x, v, target), options, backend, names=("input", "var", "target"), params=params, grads=3
+    )
+    result, dt_input, dt_var, dt_target = p.result_dtypes
+    p.grad_shapes = (shape, shape, var_shape)
+    p.result_dtypes = (result, dt_input, dt_target, dt_var)
+    return p
 
 
 def _open_interval(name, value, lo, hi):
@@ -415,6 +615,34 @@ def _weight(rng, arrays, dtype):  # an option set for the conformance kit
     return {"weight": rng.uniform(0.5, 2.0, np.shape(arrays[0])).astype(dtype)}
 
 
+def _ref_gaussian(input, target, var, full=False, eps=DEFAULT_GAUSSIAN_EPS, **_):
+    x, t = np.asarray(input, np.float64), np.asarray(target, np.float64)
+    v = np.asarray(var, np.float64)
+    if v.shape != x.shape and v.shape == x.shape[:-1]:
+        v = v[..., None]
+    v = np.maximum(v, eps)  # nan stays nan
+    loss = 0.5 * (np.log(v) + (x - t) ** 2 / v) + (0.5 * np.log(2 * np.pi) if full else 0.0)
+    return np.broadcast_to(loss, x.shape)
+
+
+def _example_gaussian(rng, size, dtype):
+    """Means, samples and a variance per element, away from the eps clamp."""
+    (x, t), _ = _example(rng, size, dtype)
+    return (x, t, rng.uniform(0.2, 2.0, x.shape).astype(dtype)), {}
+
+
+def _var_per_row(rng, arrays, dtype):  # option sets: var broadcast over the last axis
+    return {"var": rng.uniform(0.2, 2.0, np.shape(arrays[0])[:-1]).astype(dtype)}
+
+
+def _var_column(rng, arrays, dtype):
+    return {"var": rng.uniform(0.2, 2.0, (*np.shape(arrays[0])[:-1], 1)).astype(dtype)}
+
+
+def _var_per_column(rng, arrays, dtype):  # broadcast over the first axis
+    return {"var": rng.uniform(0.2, 2.0, (1, *np.shape(arrays[0])[1:])).astype(dtype)}
+
+
 SPECS = [
     LossSpec(
         name="mse_loss",
@@ -529,7 +757,8 @@ SPECS = [
         doc=f"""Log-cosh loss (Keras's ``log_cosh``, not in PyTorch): ``log(cosh(d))`` with
     ``d = input - target``, computed as ``|d| + log1p(exp(-2|d|)) - log 2`` so that it stays
     finite for any finite ``d``: about ``d**2 / 2`` for small ``|d|``, ``|d| - log 2`` for large.
-    Gradient: ``tanh(d)``. ``"mean"`` divides by the element count.
+    Gradient: ``tanh(d)``; Hessian diagonal (``grad_hess``): ``1 - tanh(d)**2``.
+    ``"mean"`` divides by the element count.
 {_SHAPE_NO_WEIGHT}""",
     ),
     LossSpec(
@@ -542,13 +771,17 @@ SPECS = [
         reference=_ref_pinball,
         example=_example,
         option_sets=({"quantile": 0.1}, {"quantile": 0.9}),
+        hessian_bound=True,
         doc=f"""Pinball (quantile) loss for the ``quantile`` q in (0, 1) (scikit-learn's
     ``mean_pinball_loss``, LightGBM's ``quantile``): ``max(q d, (q - 1) d)`` with
     ``d = target - input``; its minimiser is the q-quantile of the target. Gradient: ``-q``
     where the input is below the target, ``1 - q`` above, and ``0.5 - q`` where they are equal
     (the middle of the subgradients, as PyTorch's autograd gives for ``torch.maximum``; for
     q = 0.5 the loss is half ``l1_loss`` and that gradient is 0, as ``l1_loss``'s).
-    ``"mean"`` divides by the element count.
+    Hessian diagonal (``grad_hess``): 1 everywhere, not the true 0 of the linear pieces,
+    which would make a Newton step infinite (as ``l1_loss``; LightGBM's ``quantile`` and
+    XGBoost's ``reg:quantileerror`` objectives use 1 too). ``"mean"`` divides by the element
+    count.
 {_SHAPE_NO_WEIGHT}""",
     ),
     LossSpec(
@@ -568,9 +801,49 @@ SPECS = [
     ``loss = exp((2 - p) x) / (2 - p) - y exp((1 - p) x) / (1 - p)``, the likelihood's terms
     that depend on the prediction (XGBoost's ``tweedie-nloglik`` metric; the terms of the
     target alone are left out, so the loss is not 0 at its minimum ``x = log y``).
-    Gradient: ``exp((2 - p) x) - y exp((1 - p) x)``. The target must be >= 0: a negative
+    Gradient: ``exp((2 - p) x) - y exp((1 - p) x)``; Hessian diagonal (``grad_hess``):
+    ``(2 - p) exp((2 - p) x) - (1 - p) y exp((1 - p) x)``. The target must be >= 0: a negative
     one is a ``ValueError`` (XGBoost refuses it too). ``"mean"`` divides by the element count.
 {_SHAPE_NO_WEIGHT}""",
+    ),
+    LossSpec(
+        name="gaussian_nll_loss",
+        family="regression",
+        arguments=("input", "target", "var"),
+        differentiable=("input", "target", "var"),
+        options={"full": False, "eps": DEFAULT_GAUSSIAN_EPS, "reduction": "mean"},
+        prepare=_prepare_gaussian,
+        reference=_ref_gaussian,
+        example=_example_gaussian,
+        option_sets=(
+            {"full": True, "eps": 1e-3},
+            _var_per_row,
+            _var_column,
+            _var_per_column,
+        ),
+        doc="""Gaussian negative log likelihood of ``target`` under means ``input`` and variances
+    ``var``, PyTorch 2.13's ``gaussian_nll_loss``:
+    ``0.5 * (log(v) + (input - target) ** 2 / v)`` with ``v = max(var, eps)``, plus
+    ``0.5 * log(2 pi)`` with ``full``. ``"mean"`` divides by the element count.
+
+    ``var`` is an array of the input's shape (one variance per element), of the input's
+    shape without its last dimension, or of the input's number of dimensions with one
+    dimension of size 1 where the input's is not (one variance shared along that axis); or a
+    number (one for all; PyTorch takes a Python float, lossforge any real number). Any other
+    shape is a ``ValueError`` ("var is of incorrect size"), and so is a negative entry ("var
+    has negative entry/entries"). ``nan`` in var propagates.
+
+    Gradients (``grad`` returns three, for ``input``, ``target`` and ``var``):
+    ``(input - target) / v``, its negative, and ``0.5 * (1 - (input - target) ** 2 / v) / v``
+    summed over the axis along which var was broadcast (in float64, in a fixed order), so
+    of var's shape (0-d for a number). As in PyTorch, where ``eps`` clamps var the clamp
+    is done outside autograd: var's gradient is the formula's at ``v = eps``, not 0.
+    Hessian diagonal (``grad_hess``, for ``input``): ``1 / v``.
+
+    Shape:
+        input: any shape. target: the input's shape (lossforge does not broadcast it).
+        var: see above. Output: a scalar for "mean" and "sum"; the input's shape for "none".
+""",
     ),
     LossSpec(
         name="kl_div",
@@ -587,7 +860,10 @@ SPECS = [
     log-probabilities are ``input``, pointwise as PyTorch 2.13:
     ``xlogy(target, target) - target * input`` (0 where ``target == 0``), or, with
     ``log_target``, ``exp(target) * (target - input)``. Gradient (for ``input`` only):
-    ``-target``, or ``-exp(target)``.
+    ``-target``, or ``-exp(target)``. Hessian diagonal (``grad_hess``): 0, exactly: the
+    pointwise loss is linear in the input (the curvature of a KL objective over
+    log-probabilities comes from the log-softmax that makes them; with a zero Hessian it
+    makes no gradient-boosting objective on its own).
 
     ``reduction``: ``"batchmean"`` divides the sum by the size of the first dimension (the
     batch; 1 for a 0-d input): the KL divergence per sample, what most callers want.
@@ -609,5 +885,19 @@ def lossforge_losses():
 def lossforge_kernels():
     for name, (kernel, defaults) in KERNELS.items():
         yield from kernel.specs(name, defaults)
+    fast = functools.partial(POISSON_LOG_RATE.fast, params=POISSON_DEFAULTS)
+    cpu, hessian = _poisson_kernel("cpu"), _poisson_kernel("cpu_hessian")
+    yield KernelSpec("poisson_nll_loss", "cpu", cpu, fast=fast, hessian=hessian)
+    cuda, hessian = _poisson_kernel("cuda"), _poisson_kernel("cuda_hessian")
+    yield KernelSpec("poisson_nll_loss", "cuda", cuda, hessian=hessian)
+    yield KernelSpec(
+        "gaussian_nll_loss", "cpu", gaussian_nll_cpu, hessian=GAUSSIAN_HESSIAN.cpu_hessian
+    )
+    yield KernelSpec(
+        "gaussian_nll_loss",
+        "cuda",
+        "lossforge.plugins.regression.cuda:gaussian_nll",
+        hessian=GAUSSIAN_HESSIAN.cuda_hessian,
+    )
     for spec in KL_DIV.specs("kl_div"):  # no fast lane: the default "mean" warns
         yield dataclasses.replace(spec, fast=None)

@@ -14,10 +14,11 @@ BACKENDS = ("cpu", "cuda")
 
 
 def backend_of(arrays: Sequence[Any], forced: str | None = None) -> str:
-    """The backend for these arguments (``None`` entries are ignored)."""
+    """The backend for these arguments (``None`` entries and Python numbers, such as
+    gaussian_nll_loss's ``var``, are ignored)."""
     host = device = 0
     for a in arrays:
-        if a is None:
+        if a is None or type(a) is float or type(a) is int:
             continue
         if type(a) is not np.ndarray and on_device(a):
             device += 1

@@ -589,28 +589,34 @@ def prepare(
     options: dict[str, Any],
     backend: str,
     *,
-    names: tuple[str, str] = ("input", "target"),
+    names: tuple[str, ...] = ("input", "target"),
     params: dict[str, float] | None = None,
     weighted_mean: bool = False,
+    grads: int = 1,
 ) -> Prepared:
-    """The ``Prepared`` an ``Elementwise`` kernel takes, for a loss of two same-shaped float
-    arrays (called ``names`` in error messages) with an optional ``"weight"`` option of their
-    shape: checked and normalised by ``validate.elementwise``. ``params``: the formula's
-    parameters by name, already validated; ``weighted_mean``: ``"mean"`` divides by the summed
-    weights (PyTorch's ``mse_loss``/``l1_loss``), else by the element count."""
-    (x, y), w, dtype, dtypes, shape = validate.elementwise(
+    """The ``Prepared`` an ``Elementwise`` kernel takes, for a loss of two or three
+    same-shaped float arrays (called ``names`` in error messages; a third is the formula's
+    auxiliary ``a``, e.g. margin_ranking_loss's target) with an optional ``"weight"`` option
+    of their shape: checked and normalised by ``validate.elementwise``. ``params``: the
+    formula's parameters by name, already validated; ``weighted_mean``: ``"mean"`` divides by
+    the summed weights (PyTorch's ``mse_loss``/``l1_loss``), else by the element count;
+    ``grads``: how many of the arrays, from the first, have a gradient (2 with a
+    ``target_grad`` formula)."""
+    if len(arrays) != len(names) or len(names) not in (2, 3):
+        raise TypeError(f"prepare takes two or three arrays named by names, got {names!r}")
+    (x, y, *rest), w, dtype, dtypes, shape = validate.elementwise(
         arrays, names, options.get("weight"), backend
     )
     weighted = weighted_mean and w.size
     return Prepared(
-        arrays=(x, y, w, None),
+        arrays=(x, y, w, rest[0] if rest else None),
         params=params or {},
         reduction=options.get("reduction"),
         denominator=validate.total(w, backend) if weighted else float(math.prod(shape)),
         value_shape=shape,
-        grad_shapes=(shape,),
+        grad_shapes=(shape,) * grads,
         dtype=dtype,
-        result_dtypes=dtypes[:2],
+        result_dtypes=dtypes[: 1 + grads],
         backend=backend,
     )
 
