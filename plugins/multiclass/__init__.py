@@ -219,11 +219,13 @@ def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_C
 
 
 # -- softmax losses from row formulas ------------------------------------------------------
-Z_LOSS = Softmax(
-    formulas.cross_entropy_z_loss, transform=formulas.softcap, params=("z_loss", "softcap")
+#: one kernel for the three losses: see formulas.py
+SOFTMAX = Softmax(
+    formulas.softmax_losses,
+    transform=formulas.softcap,
+    params=("gamma", "epsilon", "z_loss", "softcap"),
 )
-FOCAL = Softmax(formulas.focal, params=("gamma",))
-POLY1 = Softmax(formulas.poly1, params=("epsilon",))
+_NEUTRAL = {"gamma": 0.0, "epsilon": 0.0, "z_loss": 0.0, "softcap": 0.0}
 
 
 def _prepare_softmax_cross_entropy(arrays, options, backend):
@@ -233,12 +235,12 @@ def _prepare_softmax_cross_entropy(arrays, options, backend):
         cap = validate.check_real("softcap", cap)
         if not cap > 0:
             raise ValueError(f"softcap must be None or a positive number, got {cap!r}")
-    params = {"z_loss": z_loss, "softcap": 0.0 if cap is None else cap}
+    params = {**_NEUTRAL, "z_loss": z_loss, "softcap": 0.0 if cap is None else cap}
     return _prepare("softmax_cross_entropy", arrays, options, backend, params, cap is not None)
 
 
 def _prepare_focal(arrays, options, backend):
-    params = {"gamma": validate.check_nonnegative("gamma", options["gamma"])}
+    params = {**_NEUTRAL, "gamma": validate.check_nonnegative("gamma", options["gamma"])}
     return _prepare("softmax_focal_loss", arrays, options, backend, params)
 
 
@@ -246,7 +248,8 @@ def _prepare_poly1(arrays, options, backend):
     epsilon = validate.check_real("epsilon", options["epsilon"])
     if not epsilon >= -1:
         raise ValueError(f"epsilon must be a number >= -1, got {epsilon!r}")
-    return _prepare("poly1_cross_entropy", arrays, options, backend, {"epsilon": epsilon})
+    params = {**_NEUTRAL, "epsilon": epsilon}
+    return _prepare("poly1_cross_entropy", arrays, options, backend, params)
 
 
 def _ref_softmax(input, target, per_class, weight, ignore_index, label_smoothing, logits=None):
@@ -480,6 +483,5 @@ def lossforge_kernels():
         yield KernelSpec(
             name, "cuda", f"{cuda}:{name}", hessian=f"{cuda}:{name}_hessian" if hessian else None
         )
-    yield from Z_LOSS.specs("softmax_cross_entropy")
-    yield from FOCAL.specs("softmax_focal_loss")
-    yield from POLY1.specs("poly1_cross_entropy")
+    for name in ("softmax_cross_entropy", "softmax_focal_loss", "poly1_cross_entropy"):
+        yield from SOFTMAX.specs(name)

@@ -1,7 +1,13 @@
-"""Row formulas of the softmax losses built by ``lossforge.kernels.Softmax``: the loss of a
-row whose target is class ``c`` from ``logp = log softmax(z)_c`` and ``lse = log sum_j
+"""The row formula of the softmax losses built by ``lossforge.kernels.Softmax``: the loss of
+a row whose target is class ``c`` from ``logp = log softmax(z)_c`` and ``lse = log sum_j
 exp(z_j)``, with the coefficients of its gradient, ``d loss / d z_j = a p_j + b [j == c]``.
 The template adds class weights, ``ignore_index``, label smoothing and probability targets.
+
+One formula serves ``softmax_focal_loss``, ``poly1_cross_entropy`` and
+``softmax_cross_entropy``, each with the others' parameters at 0 (where each term vanishes
+exactly): every formula is a kernel of its own, and each costs seconds of cold compile per
+dtype and variant, in CI and on a user's first call; the unused terms cost a few operations
+a row.
 """
 
 from __future__ import annotations
@@ -9,35 +15,27 @@ from __future__ import annotations
 import math
 
 
-def cross_entropy_z_loss(logp, lse, p):
-    """``-logp + z_loss lse^2`` (PaLM's auxiliary z-loss; ``p = (z_loss, softcap)``)."""
-    z_loss = p[0]
-    return -logp + z_loss * lse * lse, 1.0 + 2.0 * z_loss * lse, -1.0
+def softmax_losses(logp, lse, p):
+    """``-(1 - p_c)^gamma logp + epsilon (1 - p_c) + z_loss lse^2`` with
+    ``p = (gamma, epsilon, z_loss, softcap)``: the focal term (Lin et al. 2017; cross
+    entropy at ``gamma = 0``), Poly-1's (Leng et al. 2022) and PaLM's z-loss.
 
-
-def softcap(z, p):
-    """Gemma 2's logit soft-capping ``cap tanh(z / cap)`` and its derivative
-    ``1 - tanh^2``."""
-    th = math.tanh(z / p[1])
-    return p[1] * th, 1.0 - th * th
-
-
-def focal(logp, lse, p):
-    """``-(1 - p_c)^gamma logp`` (Lin et al. 2017). With ``q = 1 - p_c`` and
-    ``K = gamma p_c logp q^(gamma - 1) - q^gamma``, the gradient is ``K ([j == c] - p_j)``;
-    ``q^(gamma - 1) p_c logp`` goes to 0 where ``q`` or ``p_c`` does, taken as 0 there."""
-    gamma = p[0]
+    With ``q = 1 - p_c`` and ``K = gamma p_c logp q^(gamma - 1) - q^gamma``, the focal term's
+    gradient is ``K ([j == c] - p_j)`` (``q^(gamma - 1) p_c logp`` goes to 0 where ``q`` or
+    ``p_c`` does: taken as 0 there), Poly-1's ``epsilon p_c (p_j - [j == c])``, the
+    z-loss's ``2 z_loss lse p_j``."""
+    gamma, epsilon, z_loss = p[0], p[1], p[2]
     prob = math.exp(logp)
     q = -math.expm1(logp)  # 1 - p_c, accurate where p_c is near 1
     qg = q**gamma
     term = gamma * prob * logp * q ** (gamma - 1.0) if q > 0.0 and prob > 0.0 else 0.0
     k = term - qg
-    return -qg * logp, -k, k
+    loss = -qg * logp + epsilon * (1.0 - prob) + z_loss * lse * lse
+    return loss, epsilon * prob + 2.0 * z_loss * lse - k, k - epsilon * prob
 
 
-def poly1(logp, lse, p):
-    """``-logp + epsilon (1 - p_c)`` (Leng et al. 2022, Poly-1); gradient
-    ``(1 + epsilon p_c)(p_j - [j == c])``."""
-    prob = math.exp(logp)
-    a = 1.0 + p[0] * prob
-    return -logp + p[0] * (1.0 - prob), a, -a
+def softcap(z, p):
+    """Gemma 2's logit soft-capping ``cap tanh(z / cap)`` (``cap = p[3]``) and its
+    derivative ``1 - tanh^2``."""
+    th = math.tanh(z / p[3])
+    return p[3] * th, 1.0 - th * th
