@@ -31,6 +31,7 @@ class _Device:
 _dispatcher.get_current_device = lambda: _Device()
 
 import lossforge.plugins.binary as binary  # noqa: E402
+import lossforge.plugins.multiclass as softmax_losses  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.similarity as similarity  # noqa: E402
@@ -90,6 +91,29 @@ def signatures(dtype):
         (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
+        (
+            rt.softmax_rows_kernel(
+                softmax_losses.SOFTMAX.row, softmax_losses.SOFTMAX.transform, "check_softmax"
+            ),
+            (
+                a,
+                index,
+                a,
+                a,
+                types.UniTuple(f, 4),
+                i,
+                i,
+                i,
+                f,
+                types.boolean,
+                a,
+                a,
+                a,
+                f,
+                i,
+                scratch,
+            ),
+        ),
         *[
             (
                 rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),
