@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from lossforge.runtime import mathfn
+
 
 def softmax_losses(logp, lse, p):
     """``-(1 - p_c)^gamma logp + epsilon (1 - p_c) + z_loss lse^2`` with
@@ -53,6 +55,16 @@ def softmax_losses(logp, lse, p):
 
 def softcap(z, p):
     """Gemma 2's logit soft-capping ``cap tanh(z / cap)`` (``cap = p[3]``) and its
-    derivative ``1 - tanh^2``."""
-    th = math.tanh(z / p[3])
-    return p[3] * th, 1.0 - th * th
+    derivative ``sech^2 = 1 - tanh^2``. ``tanh`` from ``mathfn.exp``, not libm's (3x
+    slower): ``(1 - e^(-2|x|)) / (1 + e^(-2|x|))``,
+    within 1e-13 relative for ``|x| >= 1e-3``, and its Taylor series below."""
+    x = z / p[3]
+    ax = abs(x)
+    u = mathfn.exp(-2.0 * ax)
+    x2 = x * x
+    small = x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)))
+    big = (1.0 - u) / (1.0 + u)
+    th = small if ax < 1e-3 else (big if x >= 0.0 else -big)
+    # sech^2 = 4 u / (1 + u)^2 keeps its relative accuracy where tanh^2 is near 1
+    slope = 1.0 - x2 if ax < 1e-3 else 4.0 * u / ((1.0 + u) * (1.0 + u))
+    return p[3] * th, slope
