@@ -661,7 +661,7 @@ class Softmax:
         z, t, w = p.arrays
         moved = p.params["moved"]
         grad = grads[0] if grads else None
-        rows_grad = None
+        rows_grad: Any = None
         if grad is not None:  # the rows' gradient, moved back after a K-dimensional input
             rows_grad = np.empty_like(z) if moved is not None else grad.reshape(z.shape)
         probabilities = p.params["probabilities"]
@@ -701,7 +701,7 @@ class Softmax:
         dtype = p.dtype
         moved = p.params["moved"]
         grad = grads[0] if grads else None
-        rows_grad = None
+        rows_grad: Any = None
         if grad is not None:
             rows_grad = grad if moved is None else rt.empty(z.shape, dtype)
         probabilities = p.params["probabilities"]
