@@ -32,6 +32,7 @@ _dispatcher.get_current_device = lambda: _Device()
 
 import lossforge.plugins.binary as binary  # noqa: E402
 import lossforge.plugins.margin.cuda as margin  # noqa: E402
+import lossforge.plugins.multiclass as softmax_losses  # noqa: E402
 import lossforge.plugins.multiclass.cuda as multiclass  # noqa: E402
 import lossforge.plugins.regression as regression  # noqa: E402
 import lossforge.plugins.regression.cuda as regression_cuda  # noqa: E402
@@ -115,6 +116,29 @@ def signatures(dtype):
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
         (margin._multi_margin, (a, index, a, i, i, i, f, a, a, a, a, f, i, scratch)),
         (margin._multilabel_margin, (a, index, i, i, a, a, a, f, scratch)),
+        (
+            rt.softmax_rows_kernel(
+                softmax_losses.SOFTMAX.row, softmax_losses.SOFTMAX.transform, "check_softmax"
+            ),
+            (
+                a,
+                index,
+                a,
+                a,
+                types.UniTuple(f, 4),
+                i,
+                i,
+                i,
+                f,
+                types.boolean,
+                a,
+                a,
+                a,
+                f,
+                i,
+                scratch,
+            ),
+        ),
         *[
             (
                 rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),

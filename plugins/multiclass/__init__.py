@@ -1,4 +1,8 @@
-"""The multi-class family: ``cross_entropy`` and ``nll_loss``, with PyTorch 2.13's semantics.
+"""The multi-class family: ``cross_entropy`` and ``nll_loss``, with PyTorch 2.13's semantics,
+and the softmax losses built from row formulas by ``lossforge.kernels.Softmax``
+(``formulas.py``): ``softmax_focal_loss``, ``poly1_cross_entropy`` and
+``softmax_cross_entropy`` (``cross_entropy`` with a z-loss and logit soft-capping). These take
+``cross_entropy``'s arguments and options, with its semantics, plus their own.
 
 Shapes: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes along dimension 1);
 class-index targets ``()``, ``(N)`` or ``(N, d1, ..., dk)`` of any integer dtype (uint64
@@ -17,9 +21,11 @@ gradient.
 from __future__ import annotations
 
 import numpy as np
+from lossforge.plugins.multiclass import formulas
 from lossforge.plugins.multiclass.cpu import IGNORE_INDEX, check_targets, ready_rows
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
+from lossforge.kernels import Softmax
 
 _SHAPE = """
     Shape:
@@ -31,10 +37,12 @@ _SHAPE = """
 """
 
 
-def _prepare(name, arrays, options, backend):
+def _prepare(name, arrays, options, backend, params=None, transform=False):
+    """``params``: a softmax formula's parameters by name, validated; ``transform``: apply
+    its per-logit transform."""
     ignore_index = validate.check_int("ignore_index", options["ignore_index"])
     smoothing = 0.0
-    if name == "cross_entropy":
+    if name != "nll_loss":
         smoothing = validate.check_range("label_smoothing", options["label_smoothing"], 0.0, 1.0)
     shape, z, t, weight, moved, probabilities, input_dtype, dtype, result = _normalise(
         name, arrays, options, backend
@@ -61,6 +69,8 @@ def _prepare(name, arrays, options, backend):
             "probabilities": probabilities,
             "ignore_index": ignore_index,
             "label_smoothing": smoothing,
+            "transform": transform,
+            **(params or {}),
         },
         reduction=options["reduction"],
         denominator=denominator,
@@ -86,7 +96,7 @@ def _normalise(name, arrays, options, backend):
     if x.ndim == 0:
         raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dk), got ()")
     classes = x.shape[1] if x.ndim > 1 else x.shape[0]
-    probabilities = name == "cross_entropy" and np.dtype(t.dtype).kind == "f"
+    probabilities = name != "nll_loss" and np.dtype(t.dtype).kind == "f"
     if probabilities:
         dtypes.append(validate.float_dtype("target", t))
         validate.check_same_shape(("input", "target"), (x, t))
@@ -208,6 +218,112 @@ def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_C
     return dict(options, input=x, target=t)
 
 
+# -- softmax losses from row formulas ------------------------------------------------------
+#: one kernel for the three losses: see formulas.py
+SOFTMAX = Softmax(
+    formulas.softmax_losses,
+    transform=formulas.softcap,
+    params=("gamma", "epsilon", "z_loss", "softcap"),
+)
+_NEUTRAL = {"gamma": 0.0, "epsilon": 0.0, "z_loss": 0.0, "softcap": 0.0}
+
+
+def _prepare_softmax_cross_entropy(arrays, options, backend):
+    z_loss = validate.check_nonnegative("z_loss", options["z_loss"])
+    cap = options["softcap"]
+    if cap is not None:
+        cap = validate.check_real("softcap", cap)
+        if not cap > 0:
+            raise ValueError(f"softcap must be None or a positive number, got {cap!r}")
+    params = {**_NEUTRAL, "z_loss": z_loss, "softcap": 0.0 if cap is None else cap}
+    return _prepare("softmax_cross_entropy", arrays, options, backend, params, cap is not None)
+
+
+def _prepare_focal(arrays, options, backend):
+    params = {**_NEUTRAL, "gamma": validate.check_nonnegative("gamma", options["gamma"])}
+    return _prepare("softmax_focal_loss", arrays, options, backend, params)
+
+
+def _prepare_poly1(arrays, options, backend):
+    epsilon = validate.check_real("epsilon", options["epsilon"])
+    if not epsilon >= -1:
+        raise ValueError(f"epsilon must be a number >= -1, got {epsilon!r}")
+    params = {**_NEUTRAL, "epsilon": epsilon}
+    return _prepare("poly1_cross_entropy", arrays, options, backend, params)
+
+
+def _ref_softmax(input, target, per_class, weight, ignore_index, label_smoothing, logits=None):
+    """``sum_c q_c w_c per_class(logp_c, lse)`` per row, ``q`` the (smoothed) target
+    distribution: the template's definition, in float64 NumPy."""
+    z = np.asarray(input, np.float64) if logits is None else logits
+    axis = 1 if z.ndim > 1 else 0
+    classes = z.shape[axis]
+    m = np.max(z, axis=axis, keepdims=True)
+    lse = m + np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
+    shape = [1] * z.ndim
+    shape[axis] = classes
+    w = np.ones(classes) if weight is None else np.asarray(weight, np.float64)
+    t = np.asarray(target)
+    if t.dtype.kind == "f":
+        q = t.astype(np.float64)
+        keep = np.ones(np.delete(z.shape, axis), bool)
+    else:
+        keep = t != ignore_index
+        q = np.moveaxis(np.eye(classes)[np.where(keep, t, 0)], -1, axis)
+    q = (1 - label_smoothing) * q + label_smoothing / classes
+    losses = (q * w.reshape(shape) * per_class(z - lse, lse)).sum(axis)
+    return np.where(keep, losses, 0.0)
+
+
+def _ref_softmax_cross_entropy(
+    input,
+    target,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    **_,
+):
+    z = np.asarray(input, np.float64)
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    return _ref_softmax(
+        z, target, lambda lp, lse: -lp + z_loss * lse**2, weight, ignore_index, label_smoothing
+    )
+
+
+def _ref_focal(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, gamma=2.0, **_):
+    def per_class(lp, lse):
+        return -((1 - np.exp(lp)) ** gamma) * lp
+
+    return _ref_softmax(input, target, per_class, weight, ignore_index, label_smoothing)
+
+
+def _ref_poly1(
+    input, target, weight=None, ignore_index=-100, label_smoothing=0.0, epsilon=1.0, **_
+):
+    def per_class(lp, lse):
+        return -lp + epsilon * (1 - np.exp(lp))
+
+    return _ref_softmax(input, target, per_class, weight, ignore_index, label_smoothing)
+
+
+_SOFTMAX_OPTIONS = {
+    "weight": None,
+    "ignore_index": IGNORE_INDEX,
+    "reduction": "mean",
+    "label_smoothing": 0.0,
+}
+_SOFTMAX_SETS = ({"weight": None, "label_smoothing": 0.0}, _ignore_class, _probabilities)
+_SOFTMAX_DOC = """
+    A row's loss is ``sum_c q_c w_c l(log p_c)`` over its target distribution ``q``: one-hot
+    for a class index (0 for ``ignore_index``), the probabilities for a float target, each
+    smoothed to ``(1 - label_smoothing) q + label_smoothing / C``; ``w`` the class weights.
+    ``"mean"`` divides by the summed weights of the counted targets (by the row count for
+    probability targets), as ``cross_entropy`` does. No ``grad_hess``.
+"""
+
 SPECS = [
     LossSpec(
         name="cross_entropy",
@@ -263,6 +379,86 @@ SPECS = [
 """
         + _SHAPE.format(probs=""),
     ),
+    LossSpec(
+        name="softmax_cross_entropy",
+        family="multiclass",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={**_SOFTMAX_OPTIONS, "z_loss": 0.0, "softcap": None},
+        prepare=_prepare_softmax_cross_entropy,
+        reference=_ref_softmax_cross_entropy,
+        example=lambda rng, size, dtype, classes=100: _example_cross_entropy(
+            rng, size, dtype, classes
+        ),
+        example_variants=({"classes": 100}, {"classes": 1000}, {"classes": 32000}),
+        option_sets=(
+            *_SOFTMAX_SETS,
+            {"z_loss": 1e-2, "softcap": 5.0},
+            {"z_loss": 1e-4, "weight": None, "label_smoothing": 0.0},
+        ),
+        doc="""``cross_entropy`` with the two extras of large language model training:
+    PaLM's z-loss and Gemma 2's logit soft-capping.
+
+    ``loss = cross_entropy(z') + z_loss lse(z')^2`` (weighted as the cross entropy is), with
+    ``z' = softcap tanh(z / softcap)`` where ``softcap`` is given, else ``z' = z``, and
+    ``lse(z') = log sum_j exp(z'_j)``. Gradient with respect to ``z``:
+    ``(A p_j - q_j w_j) (1 - (z'_j / softcap)^2)`` with ``p = softmax(z')`` and
+    ``A = sum_c q_c w_c (1 + 2 z_loss lse)``. With both options at their defaults this is
+    ``cross_entropy`` (a separate loss so that ``cross_entropy``'s signature stays
+    PyTorch's; its kernel is generated from a row formula). Typical values: ``z_loss=1e-4``
+    (PaLM), ``softcap=30.0`` (Gemma 2's final logits).
+"""
+        + _SOFTMAX_DOC
+        + _SHAPE.format(probs="; or probabilities of the input's shape (float)"),
+    ),
+    LossSpec(
+        name="softmax_focal_loss",
+        family="multiclass",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={**_SOFTMAX_OPTIONS, "gamma": 2.0},
+        prepare=_prepare_focal,
+        reference=_ref_focal,
+        example=lambda rng, size, dtype, classes=100: _example_cross_entropy(
+            rng, size, dtype, classes
+        ),
+        example_variants=({"classes": 100},),
+        option_sets=(*_SOFTMAX_SETS, {"gamma": 0.5}, {"gamma": 0.0, "weight": None}),
+        doc="""Softmax focal loss (Lin et al. 2017, the multi-class form of torchvision's
+    ``sigmoid_focal_loss``): ``loss = -w_t (1 - p_t)^gamma log p_t``, ``p = softmax(z)``;
+    ``gamma = 0`` is ``cross_entropy``. The focal papers' ``alpha_t`` is the class
+    ``weight``; note that ``"mean"`` divides by the summed weights of the counted targets
+    (as ``cross_entropy``), so a uniform weight does not scale it: kornia's ``focal_loss``
+    with a scalar ``alpha`` is ``alpha *`` this loss with ``weight=None``. Gradient:
+    ``w_t K ([j == t] - p_j)`` with ``q = 1 - p_t``,
+    ``K = gamma p_t log(p_t) q^(gamma - 1) - q^gamma``. ``gamma`` >= 0.
+"""
+        + _SOFTMAX_DOC
+        + _SHAPE.format(probs="; or probabilities of the input's shape (float)"),
+    ),
+    LossSpec(
+        name="poly1_cross_entropy",
+        family="multiclass",
+        arguments=("input", "target"),
+        differentiable=("input",),
+        options={**_SOFTMAX_OPTIONS, "epsilon": 1.0},
+        prepare=_prepare_poly1,
+        reference=_ref_poly1,
+        example=lambda rng, size, dtype, classes=100: _example_cross_entropy(
+            rng, size, dtype, classes
+        ),
+        example_variants=({"classes": 100},),
+        option_sets=(*_SOFTMAX_SETS, {"epsilon": -1.0}, {"epsilon": 2.0, "weight": None}),
+        doc="""Poly-1 cross entropy (Leng et al. 2022, "PolyLoss"):
+    ``loss = w_t (-log p_t + epsilon (1 - p_t))``, ``p = softmax(z)``; for a target
+    distribution ``q`` (probabilities, or label smoothing) and no weights this is the
+    paper's ``CE + epsilon (1 - sum_c q_c p_c)``. Gradient: ``w_t (1 + epsilon p_t)
+    (p_j - [j == t])``. ``epsilon`` >= -1 (the paper's range); ``epsilon = 0`` is
+    ``cross_entropy``.
+"""
+        + _SOFTMAX_DOC
+        + _SHAPE.format(probs="; or probabilities of the input's shape (float)"),
+    ),
 ]
 
 
@@ -287,3 +483,5 @@ def lossforge_kernels():
         yield KernelSpec(
             name, "cuda", f"{cuda}:{name}", hessian=f"{cuda}:{name}_hessian" if hessian else None
         )
+    for name in ("softmax_cross_entropy", "softmax_focal_loss", "poly1_cross_entropy"):
+        yield from SOFTMAX.specs(name)

@@ -37,9 +37,13 @@ never the formula's. Two precisions:
   ``mathfn.like(x, c)``, so that a float32 formula stays float32.
 
 :class:`Rowwise` does the same for losses on pairs of rows (a reduction along the last axis,
-then per element: the cosine losses). Hand-written kernels remain possible through
+then per element: the cosine losses), and :class:`Softmax` for losses on rows of logits with
+a class target (a formula of the target's log-probability and the row's log-sum-exp; class
+weights, ``ignore_index``, label smoothing and probability targets are the template's: the
+focal, Poly-1 and z-loss cross entropies). Hand-written kernels remain possible through
 ``KernelSpec`` for what the templates cannot express: ``cross_entropy`` and ``nll_loss``
-keep theirs (a transposed kernel for few classes, integer-key row maxima, a gather).
+keep theirs (a transposed kernel for few classes, integer-key row maxima, a gather: the
+generated kernel is within 5% of them only from about 1000 classes, docs/softmax.md).
 """
 
 from __future__ import annotations
@@ -581,6 +585,160 @@ class Rowwise:
         if reduction in ("mean", None):
             lane = functools.partial(self.fast, params=defaults, reduced=reduction == "mean")
         yield KernelSpec(loss, "cpu", self.cpu, fast=lane)
+        yield KernelSpec(loss, "cuda", self.cuda)
+
+
+class Softmax:
+    """The kernels of a softmax-type loss on rows of logits ``z`` ``(R, C)`` with a class
+    target, from a row formula (float64)::
+
+        def row(logp, lse, p):      # log p_c = z_c - lse, lse = log sum_j exp(z_j), params
+            ...
+            return loss, a, b       # d loss / d z_j = a p_j + b [j == c], p = softmax(z)
+
+    the loss of a row whose target is class ``c``. The template owns the rest: the row's
+    maximum and log-sum-exp, class indices with ``ignore_index`` or class-probability
+    targets, class weights, label smoothing, ``grad_output`` and the reduction's scale. A
+    row's loss is ``sum_c q_c w_c loss(log p_c, lse)`` over its target distribution ``q``
+    (one-hot for an index, else the probabilities; smoothed to ``(1 - e) q + e / C``), its
+    gradient ``A p_j + q_j w_j b_j`` with ``A = sum_c q_c w_c a_c``. An index target without
+    smoothing calls the formula once a row; the other cases once a class. For
+    ``cross_entropy``'s formula (``loss = -logp``, ``a = 1``, ``b = -1``) this is PyTorch's
+    ``cross_entropy`` in every option.
+
+    transform: optional per-logit ``(z, p) -> (z', dz'/dz)`` in the logits' precision (logit
+        soft-capping), applied first where the loss's ``prepare`` sets
+        ``params["transform"]``; the gradient gets the chain rule per element.
+    params: the names of ``Prepared.params`` that make ``p``, in order.
+    parallel_min: elements from which the CPU runs the parallel variant.
+
+    ``Prepared.arrays`` is ``(rows of logits (R, C), class indices (R) int64 or
+    probabilities (R, C), class weights (C) or length 0)``, all C-contiguous, and
+    ``Prepared.params`` holds ``moved`` (the shape of the rows before they were flattened,
+    for a K-dimensional input whose class axis was moved last; else ``None``),
+    ``probabilities``, ``ignore_index``, ``label_smoothing`` and ``transform``: what the
+    multiclass plugin's ``prepare`` makes of ``cross_entropy``'s arguments.
+
+    Not yet here: the transposed kernel for few classes that the hand-written
+    ``cross_entropy`` runs for C <= 31, and a fast small-input lane: such rows run the row
+    kernel, correct but slower (see docs/softmax.md).
+    """
+
+    def __init__(
+        self,
+        row: Formula,
+        *,
+        transform: Formula | None = None,
+        params: tuple[str, ...] = (),
+        parallel_min: int | None = None,
+    ):
+        self.row = row
+        self.transform = transform
+        self.params = params
+        self.parallel_min = parallel_min
+        self.__name__ = row.__name__
+        self.__doc__ = row.__doc__
+        self._cuda: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Softmax {self.row.__module__}.{self.row.__qualname__}>"
+
+    @functools.cached_property
+    def kernel(self) -> Any:
+        """``kernel(n, z, t, y, w, p, ignore_index, smoothing, transformed, loss_out,
+        grad_out, go, scale)``: ``runtime.cpu.softmax_rows``."""
+        from lossforge.runtime import cpu
+
+        identity = cpu.no_transform if self.transform is None else cpu.inline(self.transform)
+        return cpu.KernelPair(
+            cpu.softmax_rows,
+            **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
+            name=_kernel_name(self.row, "softmax_rows", self.transform),
+            namespace={"row": cpu.inline(self.row), "transform": identity},
+        )
+
+    def _params(self, p: Any) -> tuple[float, ...]:
+        return tuple(float(p.params[k]) for k in self.params) or (0.0,)  # no empty tuple
+
+    def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on the CPU."""
+        z, t, w = p.arrays
+        moved = p.params["moved"]
+        grad = grads[0] if grads else None
+        rows_grad: Any = None
+        if grad is not None:  # the rows' gradient, moved back after a K-dimensional input
+            rows_grad = np.empty_like(z) if moved is not None else grad.reshape(z.shape)
+        probabilities = p.params["probabilities"]
+        nothing = validate.no_weight(z.dtype, "cpu")
+        total = self.kernel(
+            z.size,
+            z,
+            np.empty(0, np.int64) if probabilities else t,
+            t if probabilities else np.empty((0, 0), z.dtype),
+            w,
+            self._params(p),
+            p.params["ignore_index"],
+            float(p.params["label_smoothing"]),
+            bool(p.params.get("transform") and self.transform),
+            nothing if loss_out is None else loss_out.reshape(-1),
+            np.empty((0, 0), z.dtype) if rows_grad is None else rows_grad,
+            nothing if grad_output is None else grad_output.reshape(-1),
+            scale,
+        )
+        if moved is not None and grad is not None:  # (N, d1, ..., dk, C) -> (N, C, d1, ...)
+            np.copyto(grad, np.moveaxis(rows_grad.reshape(moved), -1, 1))
+        return total
+
+    def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
+        """The ``KernelSpec`` function on CUDA: a group of threads a row
+        (``runtime.cuda.softmax_rows_kernel``)."""
+        from lossforge.runtime import cuda as rt
+
+        if self._cuda is None:
+            self._cuda = rt.softmax_rows_kernel(
+                self.row, self.transform, _kernel_name(self.row, "cuda_softmax", self.transform)
+            )
+        z, t, w = p.arrays
+        rows, classes = z.shape
+        if rows == 0:
+            return 0.0
+        dtype = p.dtype
+        moved = p.params["moved"]
+        grad = grads[0] if grads else None
+        rows_grad: Any = None
+        if grad is not None:
+            rows_grad = grad if moved is None else rt.empty(z.shape, dtype)
+        probabilities = p.params["probabilities"]
+        lanes, blocks = rt.rows_config(rows, classes)
+        scratch = rt.partials(blocks)
+        self._cuda[blocks, rt.THREADS, rt.stream()](
+            rt.flat(z, dtype),
+            rt.nothing(np.dtype(np.int64)) if probabilities else t.ravel(),
+            rt.flat(t, dtype) if probabilities else rt.nothing(dtype),
+            rt.flat(w, dtype),
+            self._params(p),
+            rows,
+            classes,
+            p.params["ignore_index"],
+            float(p.params["label_smoothing"]),
+            bool(p.params.get("transform") and self.transform),
+            rt.flat(loss_out, dtype),
+            rt.flat(rows_grad, dtype),
+            rt.flat(grad_output, dtype) if grads else rt.nothing(dtype),
+            float(scale),
+            lanes,
+            scratch,
+        )
+        if grad is not None and moved is not None:
+            rt.copy_into(grad, rt.moveaxis(rows_grad.reshape(moved), -1, 1))
+        if p.reduction in ("mean", "sum"):
+            return rt.finish(scratch)[0]
+        return 0.0
+
+    def specs(self, loss: str) -> Iterator[KernelSpec]:
+        """The CPU and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``
+        (no Hessian: ``Loss.grad_hess`` says the loss has none)."""
+        yield KernelSpec(loss, "cpu", self.cpu)
         yield KernelSpec(loss, "cuda", self.cuda)
 
 

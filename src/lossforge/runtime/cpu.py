@@ -36,6 +36,7 @@ from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
 from lossforge.kernels import unspecialised as target_grad
 from lossforge.kernels import unspecialised as terms
+from lossforge.kernels import unspecialised as transform
 from lossforge.runtime import mathfn
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
@@ -181,6 +182,13 @@ def no_hessian(x, y, a, p):
     """The ``hessian`` of a formula that has none: never called (``grad_hess`` is not
     offered), typed all the same."""
     return x * np.nan
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def no_transform(z, p):
+    """The ``transform`` of a softmax formula that has none: never called, typed all the
+    same."""
+    return z, z
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
@@ -489,6 +497,112 @@ def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
                         ga[k] = da
                         gb[k] = db
                 buf[i - lo] = value
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    return ordered_sum(partials)
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def softmax_row(zs, e, scratch):
+    """Writes ``exp(z - max)`` into ``e[:C]`` (the logits' dtype: float32 rows run 16 lanes)
+    and returns (log-sum-exp, sum of ``e``) in float64, the sum by a fixed tree (fused into
+    the widening, ``widened_sum``)."""
+    classes = zs.size
+    m = mathfn.array_max(zs)  # exact; a nan row gives nan (exp of nan)
+    for j in range(classes):
+        e[j] = mathfn.exp_nonpositive(zs[j] - m)
+    total = widened_sum(e, classes, scratch)
+    return np.float64(m) + np.log(total), total
+
+
+def softmax_rows(
+    z, t, y, w, p, ignore_index, smoothing, transformed, loss_out, grad_out, go, scale
+):
+    """Rows of logits ``z`` ``(R, C)`` through a softmax row formula (``lossforge.kernels.
+    Softmax``): class indices ``t`` (rows whose target is ``ignore_index`` count 0) or, when
+    ``t`` is empty, probabilities ``y``; class weights ``w``, label ``smoothing``, the
+    per-logit ``transform`` when ``transformed``. Absent arrays are empty (``grad_out``
+    ``(0, 0)``): one compiled signature per dtype and variant, since each costs seconds of
+    cold compile for every loss made from the template. Each row is read for its maximum,
+    its exponentials (kept in a row buffer) and its gradient, written once. Chunks of whole
+    rows (about ``CHUNK`` elements), blocks of ``BLOCK`` rows' losses summed by
+    ``tree_sum``, chunk partials added in order: the same bits for any thread count."""
+    rows, classes = z.shape
+    per_chunk = max(1, CHUNK // max(classes, 1))
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    width = padded(classes)
+    indices = t.size > 0 or y.size == 0
+    weighted = w.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.shape[0] > 0
+    upstream = go.size > 0
+    direct = indices and smoothing == 0.0
+    keep = 1.0 - smoothing
+    off = smoothing / classes if classes else 0.0
+    for c in prange(chunks):
+        wide_vectors()
+        buf = np.empty(BLOCK)
+        e = np.empty(width, z.dtype)
+        capped = np.empty(width, z.dtype)
+        slope = np.empty(width, z.dtype)
+        scratch = np.empty(max(width, 2))
+        coefficients = np.empty(width)
+        s = 0.0
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            for i in range(lo, hi):
+                k = t[i] if indices else -1
+                if indices and k == ignore_index:
+                    loss = 0.0
+                    if want_grad:
+                        grad_out[i, :] = 0.0
+                else:
+                    zs = z[i]
+                    if transformed:
+                        for j in range(classes):
+                            capped[j], slope[j] = transform(zs[j], p)
+                        zs = capped[:classes]
+                    lse, total = softmax_row(zs, e, scratch)
+                    g = scale * np.float64(go[i]) if upstream else scale
+                    if direct:  # one target class: one formula call
+                        wt = np.float64(w[k]) if weighted else 1.0
+                        value, a, b = row(np.float64(zs[k]) - lse, lse, p)
+                        loss = wt * value
+                        if want_grad:
+                            gs = grad_out[i]
+                            big_a = mathfn.like(z, wt * a * g / total)
+                            for j in range(classes):
+                                gs[j] = big_a * e[j]
+                            gs[k] += wt * b * g
+                    else:  # the target distribution: a formula call per class
+                        loss = 0.0
+                        big_a = 0.0
+                        for j in range(classes):
+                            if indices:
+                                q = off + (keep if j == k else 0.0)
+                            else:
+                                q = keep * np.float64(y[i, j]) + off
+                            if weighted:
+                                q *= np.float64(w[j])
+                            value, a, b = row(np.float64(zs[j]) - lse, lse, p)
+                            loss += q * value
+                            big_a += q * a
+                            coefficients[j] = q * b * g
+                        if want_grad:
+                            gs = grad_out[i]
+                            big_a *= g / total
+                            for j in range(classes):
+                                gs[j] = big_a * np.float64(e[j]) + coefficients[j]
+                    if want_grad and transformed:
+                        gs = grad_out[i]
+                        for j in range(classes):
+                            gs[j] *= slope[j]
+                if want_loss:
+                    loss_out[i] = loss
+                buf[i - lo] = loss
             buf[hi - lo :] = 0.0
             s += tree_sum(buf)
         partials[c] = s

@@ -59,9 +59,11 @@ from lossforge.kernels import unspecialised as grads
 from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as row_logit
 from lossforge.kernels import unspecialised as store
 from lossforge.kernels import unspecialised as target_grad
 from lossforge.kernels import unspecialised as terms
+from lossforge.kernels import unspecialised as transform
 from lossforge.runtime import cache
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -901,3 +903,142 @@ def rowwise_kernel(formulas: Any, name: str) -> Any:
         for key, fn in zip(("terms", "row", "grads"), formulas, strict=True)
     }
     return kernel(clone(_rowwise, name, namespace))
+
+
+@device
+def _no_transform(z, p):
+    return z, 1.0
+
+
+def _softmax_logit(z, start, j, p, transformed):
+    """Logit ``j`` of the row at ``start`` in float64, transformed when ``transformed``:
+    (z', dz'/dz)."""
+    v = float64(z[start + j])
+    if transformed:
+        return transform(v, p)
+    return v, 1.0
+
+
+def _softmax_rows(
+    z,
+    t,
+    y,
+    w,
+    p,
+    rows,
+    classes,
+    ignore_index,
+    smoothing,
+    transformed,
+    loss_out,
+    grad_out,
+    go,
+    scale,
+    lanes,
+    scratch,
+):
+    """Rows of logits through a softmax row formula (``lossforge.kernels.Softmax``), as
+    ``runtime.cpu.softmax_rows`` in float64: each row handled by a group of ``lanes``
+    threads, coalesced along the row, for its maximum, its sums (exponentials; with a target
+    distribution also the formula's loss and ``a`` coefficients) by fixed trees in shared
+    memory, and its gradient, written once; rows' losses go to deterministic per-block
+    partials. ``t`` (int64 class indices) or ``y`` (probabilities) is length 0."""
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    sc = cuda.shared.array(THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % lanes
+    per_block = THREADS // lanes
+    indices = t.size > 0 or y.size == 0
+    weighted = w.size > 0
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.size > 0
+    upstream = go.size > 0
+    direct = indices and smoothing == 0.0  # one target class: one formula call
+    keep = 1.0 - smoothing
+    off = smoothing / classes if classes else 0.0
+    acc = 0.0
+    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+        i = base + tid // lanes
+        active = i < rows
+        k = t[i] if active and indices else -1
+        live = active and not (indices and k == ignore_index)
+        start = i * classes
+        m = -math.inf
+        if live:
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                m = m if m >= v else v
+        m = group_max(sa, tid, lane, lanes, m)
+        total = 0.0
+        lsum = 0.0
+        if live:
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                total += math.exp(v - m)
+        total = group_sum(sa, tid, lane, lanes, total)
+        lse = m + log(total)
+        big_a = 0.0
+        if live and not direct:
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                q = (
+                    off + (keep if j == k else 0.0)
+                    if indices
+                    else keep * float64(y[start + j]) + off
+                )
+                if weighted:
+                    q *= float64(w[j])
+                value, a, b = row(v - lse, lse, p)
+                lsum += q * value
+                big_a += q * a
+        lsum, big_a = group_sum2(sb, sc, tid, lane, lanes, lsum, big_a)
+        loss = 0.0
+        if live:
+            g = scale * float64(go[i]) if upstream else scale
+            wt = 1.0
+            b_t = 0.0
+            if direct:
+                wt = float64(w[k]) if weighted else 1.0
+                v, d = row_logit(z, start, k, p, transformed)
+                value, a, b_t = row(v - lse, lse, p)
+                loss = wt * value
+                big_a = wt * a
+            else:
+                loss = lsum
+            if want_grad:
+                for j in range(lane, classes, lanes):
+                    v, d = row_logit(z, start, j, p, transformed)
+                    r = big_a * math.exp(v - m) / total
+                    if direct:
+                        if j == k:
+                            r += wt * b_t
+                    else:
+                        q = (
+                            off + (keep if j == k else 0.0)
+                            if indices
+                            else keep * float64(y[start + j]) + off
+                        )
+                        if weighted:
+                            q *= float64(w[j])
+                        value, a, b = row(v - lse, lse, p)
+                        r += q * b
+                    grad_out[start + j] = r * g * d
+        elif active and want_grad:
+            for j in range(lane, classes, lanes):
+                grad_out[start + j] = 0.0
+        if active and lane == 0:
+            if want_loss:
+                loss_out[i] = loss
+            acc += loss
+    write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def softmax_rows_kernel(row: Any, transform: Any, name: str) -> Any:
+    """The CUDA kernel of a softmax row formula and its optional per-logit transform."""
+    from lossforge.kernels import clone
+
+    shape = _no_transform if transform is None else device_formula(transform, f"{name}_tf")
+    logit = device(clone(_softmax_logit, f"{name}_logit", {"transform": shape}))
+    namespace = {"row": device_formula(row, f"{name}_row"), "row_logit": logit}
+    return kernel(clone(_softmax_rows, name, namespace))
