@@ -14,7 +14,8 @@ compilation. A case that the installed lossforge does not register (an older com
 
 ``LOSSFORGE_ASV_QUICK=1`` (set by ``asv_bench/ci_quick.sh``) shrinks the parameters so that
 a pass over every benchmark takes a minute or two (asv starts a process for each parameter
-combination, about a second each): each loss's first input kind only, 3 * 10^5 elements
+combination, a second or more each): one case a loss family (the test suite benches every
+loss, ``tests/test_bench.py``), 3 * 10^5 elements
 (above ``PARALLEL_MIN``: the parallel kernels; the test suite runs the serial ones), float32
 only, 2 threads only.
 """
@@ -47,10 +48,10 @@ def _cases() -> dict[str, tuple[str, dict]]:
 
 CASE_INPUTS = _cases()
 CASES = list(CASE_INPUTS)
-if QUICK:  # each loss's first input kind: its other kinds run the same benchmark code
+if QUICK:  # a case a family: the other losses run the same benchmark code
     _first: dict[str, str] = {}
     for _case, (_name, _) in CASE_INPUTS.items():
-        _first.setdefault(_name, _case)
+        _first.setdefault(lossforge.get(_name).spec.family, _case)
     CASES = list(_first.values())
 
 
