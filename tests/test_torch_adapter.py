@@ -35,6 +35,14 @@ BUILTIN = [
     "poisson_nll_loss",
     "smooth_l1_loss",
     "soft_margin_loss",
+    "kl_div",
+    "margin_ranking_loss",
+    "gaussian_nll_loss",
+    "multi_margin_loss",
+    "multilabel_margin_loss",
+    "triplet_margin_loss",
+    "triplet_margin_with_distance_loss",
+    "ctc_loss",
 ]
 REDUCED = [n for n in BUILTIN if n != "cosine_similarity"]
 MODULES = {
@@ -52,6 +60,14 @@ MODULES = {
     "MultiLabelSoftMarginLoss": "multilabel_soft_margin_loss",
     "CosineSimilarity": "cosine_similarity",
     "CosineEmbeddingLoss": "cosine_embedding_loss",
+    "KLDivLoss": "kl_div",
+    "MarginRankingLoss": "margin_ranking_loss",
+    "GaussianNLLLoss": "gaussian_nll_loss",
+    "MultiMarginLoss": "multi_margin_loss",
+    "MultiLabelMarginLoss": "multilabel_margin_loss",
+    "TripletMarginLoss": "triplet_margin_loss",
+    "TripletMarginWithDistanceLoss": "triplet_margin_with_distance_loss",
+    "CTCLoss": "ctc_loss",
 }
 
 
@@ -125,27 +141,34 @@ def test_gradcheck(name):
         def f(*xs, opts=opts):
             args = list(tensors)
             for i, x in zip(positions, xs):
-                args[i] = x
+                # ctc_loss's gradient is PyTorch's, through log_softmax (not the derivative
+                # with respect to free log-probabilities): checked through log_softmax
+                args[i] = torch.log_softmax(x, -1) if name == "ctc_loss" else x
             return lft.apply(name, *args, **opts)
 
         assert torch.autograd.gradcheck(f, leaves), reduction
 
 
 # -- training -------------------------------------------------------------------------------
-def _head(name):
-    # binary_cross_entropy takes probabilities: the model's output goes through a sigmoid
-    return torch.sigmoid if name == "binary_cross_entropy" else (lambda z: z)
+def _head(name, i):
+    """The link from the linear model to argument ``i``, and its inverse for the base:
+    binary_cross_entropy takes probabilities (a sigmoid), gaussian_nll_loss's var is
+    positive (an exponential)."""
+    if name == "binary_cross_entropy":
+        return torch.sigmoid, lambda t: torch.logit(t.clamp(0.05, 0.95))
+    if name == "gaussian_nll_loss" and i == 2:
+        return torch.exp, torch.log
+    return (lambda z: z), (lambda t: t)
 
 
 def _train(name, criterion, tensors, positions, steps=6):
     """A linear model per differentiable argument (prediction = base + features @ W), trained
     with SGD and momentum; returns the final weights."""
     torch.manual_seed(0)
-    head = _head(name)
     bases, features, weights = [], [], []
     for i in positions:
         t = tensors[i]
-        base = torch.logit(t.clamp(0.05, 0.95)) if name == "binary_cross_entropy" else t
+        base = _head(name, i)[1](t)
         rows = t.shape[0] if t.ndim else 1
         bases.append(base)
         features.append(torch.randn(rows, 4, dtype=torch.float64))
@@ -157,7 +180,7 @@ def _train(name, criterion, tensors, positions, steps=6):
         optimizer.zero_grad()
         args = list(tensors)
         for i, base, x, w in zip(positions, bases, features, weights):
-            args[i] = head(base + (x @ w).reshape(base.shape))
+            args[i] = _head(name, i)[0](base + (x @ w).reshape(base.shape))
         criterion(*args).backward()
         optimizer.step()
     return [w.detach() for w in weights]

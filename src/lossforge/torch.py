@@ -328,3 +328,11 @@ MultiMarginLoss = _module("MultiMarginLoss", "multi_margin_loss")
 MultiLabelMarginLoss = _module("MultiLabelMarginLoss", "multilabel_margin_loss")
 CosineSimilarity = _module("CosineSimilarity", "cosine_similarity")
 CosineEmbeddingLoss = _module("CosineEmbeddingLoss", "cosine_embedding_loss")
+KLDivLoss = _module("KLDivLoss", "kl_div")
+MarginRankingLoss = _module("MarginRankingLoss", "margin_ranking_loss")
+GaussianNLLLoss = _module("GaussianNLLLoss", "gaussian_nll_loss")
+TripletMarginLoss = _module("TripletMarginLoss", "triplet_margin_loss")
+TripletMarginWithDistanceLoss = _module(
+    "TripletMarginWithDistanceLoss", "triplet_margin_with_distance_loss"
+)
+CTCLoss = _module("CTCLoss", "ctc_loss")
