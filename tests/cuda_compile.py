@@ -111,34 +111,33 @@ def signatures(dtype):
             (a, a, a, a, one, i, i, a, a, a, a, f, i, scratch),
         ),
         (multiclass._check_targets, (index, i, i, a, scratch)),
-        (multiclass._cross_entropy_index, (a, index, a, i, i, f, a, a, a, f, i, scratch)),
-        (multiclass._cross_entropy_probs, (a, a, a, i, i, f, a, a, a, f, i, scratch)),
         (multiclass._nll, (a, index, a, i, i, a, a, a, f, i, scratch)),
         (margin._multi_margin, (a, index, a, i, i, i, f, a, a, a, a, f, i, scratch)),
         (margin._multilabel_margin, (a, index, i, i, a, a, a, f, scratch)),
-        (
-            rt.softmax_rows_kernel(
-                softmax_losses.SOFTMAX.row, softmax_losses.SOFTMAX.transform, "check_softmax"
-            ),
+        *[
             (
-                a,
-                index,
-                a,
-                a,
-                types.UniTuple(f, 4),
-                i,
-                i,
-                i,
-                f,
-                types.boolean,
-                a,
-                a,
-                a,
-                f,
-                i,
-                scratch,
-            ),
-        ),
+                rt.softmax_rows_kernel(k.row, k.transform, f"check_softmax_{k.__name__}"),
+                (
+                    a,
+                    index,
+                    a,
+                    a,
+                    types.UniTuple(f, n),
+                    i,
+                    i,
+                    i,
+                    f,
+                    types.boolean,
+                    a,
+                    a,
+                    a,
+                    f,
+                    i,
+                    scratch,
+                ),
+            )
+            for k, n in ((softmax_losses.SOFTMAX, 4), (softmax_losses.CROSS_ENTROPY, 1))
+        ],
         *[
             (
                 rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lossforge.plugins.multiclass as multiclass
 import numpy as np
 import pytest
 from hypothesis import given
@@ -339,12 +340,16 @@ def test_large_float32_accuracy(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_path_is_the_general_path(name, shape, dtype, rng):
     x, t = case(rng, shape, dtype=dtype)
-    fast = getattr(multiclass_cpu, f"fast_{name}")
-    kernel = multiclass_cpu._cross_entropy_index if name == "cross_entropy" else multiclass_cpu._nll
-    taken = fast((x, t), None) is not None
+    if name == "cross_entropy":
+        spec = multiclass.CROSS_ENTROPY
+        parallel_min = spec.kernels[1].parallel_min
+        taken = spec.fast((x, t), None, params=(0.0,)) is not None
+    else:
+        parallel_min = multiclass_cpu._nll.parallel_min
+        taken = multiclass_cpu.fast_nll_loss((x, t), None) is not None
     # small inputs; large ones (cross_entropy's (1000, 100), both losses' (2**14, 16)): the
     # general path
-    assert taken == (x.size < kernel.parallel_min)
+    assert taken == (x.size < parallel_min)
     assert_fast_path_is_general_path(name, (x, t), {"reduction": "mean"})
 
 

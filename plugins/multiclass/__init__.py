@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 from lossforge.plugins.multiclass import formulas
-from lossforge.plugins.multiclass.cpu import IGNORE_INDEX, check_targets, ready_rows
+from lossforge.plugins.multiclass.cpu import (
+    CROSS_ENTROPY_PARALLEL_MIN,
+    IGNORE_INDEX,
+    check_targets,
+)
 
 from lossforge import KernelSpec, LossSpec, Prepared, hookimpl, validate
 from lossforge.kernels import Softmax
@@ -86,7 +90,7 @@ def _normalise(name, arrays, options, backend):
     """(input shape, rows of logits, targets, weight, moved shape or None, probability
     targets?, input dtype, compute dtype, result dtype): the arguments checked and converted
     to what the kernels take."""
-    ready = ready_rows(*arrays) if backend == "cpu" and options["weight"] is None else None
+    ready = validate.ready_rows(*arrays) if backend == "cpu" and options["weight"] is None else None
     if ready is not None:  # the common case, kept cheap: nothing to convert or move
         x, t = arrays
         return x.shape, x, t, validate.no_weight(ready, backend), None, False, ready, ready, ready
@@ -219,6 +223,9 @@ def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_C
 
 
 # -- softmax losses from row formulas ------------------------------------------------------
+CROSS_ENTROPY = Softmax(
+    formulas.cross_entropy, parallel_min=CROSS_ENTROPY_PARALLEL_MIN, constant_coefficients=True
+)
 #: one kernel for the three losses: see formulas.py
 SOFTMAX = Softmax(
     formulas.softmax_losses,
@@ -469,19 +476,12 @@ def lossforge_losses():
 
 @hookimpl
 def lossforge_kernels():
-    # nll_loss is linear in its input: no Hessian (a zero one would make Newton steps infinite)
     cpu, cuda = "lossforge.plugins.multiclass.cpu", "lossforge.plugins.multiclass.cuda"
-    for name in ("cross_entropy", "nll_loss"):
-        hessian = name == "cross_entropy"
-        yield KernelSpec(
-            name,
-            "cpu",
-            f"{cpu}:{name}",
-            fast=f"{cpu}:fast_{name}",
-            hessian=f"{cpu}:{name}_hessian" if hessian else None,
-        )
-        yield KernelSpec(
-            name, "cuda", f"{cuda}:{name}", hessian=f"{cuda}:{name}_hessian" if hessian else None
-        )
-    for name in ("softmax_cross_entropy", "softmax_focal_loss", "poly1_cross_entropy"):
-        yield from SOFTMAX.specs(name)
+    hessian = (f"{cpu}:cross_entropy_hessian", f"{cuda}:cross_entropy_hessian")
+    yield from CROSS_ENTROPY.specs("cross_entropy", defaults={}, hessian=hessian)
+    # nll_loss is linear in its input: no Hessian (a zero one would make Newton steps infinite)
+    yield KernelSpec("nll_loss", "cpu", f"{cpu}:nll_loss", fast=f"{cpu}:fast_nll_loss")
+    yield KernelSpec("nll_loss", "cuda", f"{cuda}:nll_loss")
+    for spec in SPECS[2:]:  # the fast lane's parameters: the defaults (softcap None: off)
+        defaults = {k: spec.options.get(k) or 0.0 for k in _NEUTRAL}
+        yield from SOFTMAX.specs(spec.name, defaults=defaults)

@@ -1,12 +1,9 @@
-"""CUDA kernels of the multi-class family, on rows of logits ``z`` of shape ``(R, C)``: the
-CPU kernels' formulas (``cpu.py``) in float64 with deterministic per-block partials
-(``lossforge.runtime.cuda``).
+"""The hand-written CUDA kernels of the multi-class family, on rows of ``(R, C)``, in float64
+with deterministic per-block partials (``lossforge.runtime.cuda``): those the
+``kernels.Softmax`` template does not make (cross_entropy's value and gradient come from it).
 
-``cross_entropy``: each row is handled by a group of threads (``runtime.cuda.rows_config``:
-one thread for very short rows, up to a whole block for long ones). The group reads the row
-three times (maximum, sum of exponentials, gradient), coalesced along the row, reduces with
-fixed trees in shared memory, and writes the gradient once. ``nll_loss`` reads one logit per
-row and writes its (mostly zero) gradient by the same groups of threads, coalesced.
+``nll_loss`` reads one logit per row and writes its (mostly zero) gradient by groups of
+threads (``runtime.cuda.rows_config``), coalesced. ``cross_entropy_hessian``: a thread a row.
 
 ``check_targets`` is the device pass ``prepare`` runs for class-index targets: the "mean"
 denominator (count or summed class weights of the counted targets) and the first target
@@ -57,135 +54,6 @@ def check_targets(t, classes, ignore_index, w):
     if bad >= 0:
         return int(rt.element(t, bad)), 0.0
     return ignore_index, denominator
-
-
-@rt.kernel
-def _cross_entropy_index(
-    z, t, w, classes, ignore_index, smoothing, loss_out, grad_out, go, scale, lanes, scratch
-):
-    sa = cuda.shared.array(THREADS, float64)
-    sb = cuda.shared.array(THREADS, float64)
-    tid = cuda.threadIdx.x
-    lane = tid % lanes
-    per_block = THREADS // lanes
-    rows = t.size
-    weighted = w.size > 0
-    want_loss = loss_out.size > 0
-    want_grad = grad_out.size > 0
-    upstream = go.size > 0
-    off = smoothing / classes if classes else 0.0
-    total_weight = float64(classes)
-    if weighted:
-        s = 0.0
-        for j in range(tid, classes, THREADS):
-            s += float64(w[j])
-        total_weight = rt.group_sum(sa, tid, tid, THREADS, s)
-    acc = 0.0
-    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
-        i = base + tid // lanes
-        active = i < rows
-        k = t[i] if active else ignore_index
-        live = active and k != ignore_index and k >= 0 and k < classes
-        row = i * classes
-        m = -math.inf
-        if live:
-            for j in range(lane, classes, lanes):
-                v = float64(z[row + j])
-                m = m if m >= v else v
-        m = rt.group_max(sa, tid, lane, lanes, m)
-        total = 0.0
-        weighted_logits = 0.0  # sum_c w_c z_c, for label smoothing
-        if live:
-            for j in range(lane, classes, lanes):
-                v = float64(z[row + j])
-                total += math.exp(v - m)
-                if smoothing != 0.0:
-                    weighted_logits += (float64(w[j]) if weighted else 1.0) * v
-        total, weighted_logits = rt.group_sum2(sa, sb, tid, lane, lanes, total, weighted_logits)
-        loss = 0.0
-        if live:
-            lse = m + rt.log(total)
-            wt = float64(w[k]) if weighted else 1.0
-            hit = (1.0 - smoothing) * wt
-            loss = hit * (lse - float64(z[row + k]))
-            if smoothing != 0.0:
-                loss += off * (total_weight * lse - weighted_logits)
-            if want_grad:
-                g = scale * float64(go[i]) if upstream else scale
-                big_a = (hit + off * total_weight) * g / total
-                for j in range(lane, classes, lanes):
-                    e = math.exp(float64(z[row + j]) - m)
-                    if weighted:
-                        v = big_a * e - off * float64(w[j]) * g
-                    else:
-                        v = big_a * e - off * g
-                    if j == k:
-                        v -= hit * g
-                    grad_out[row + j] = v
-        elif active and want_grad:
-            for j in range(lane, classes, lanes):
-                grad_out[row + j] = 0.0
-        if active and lane == 0:
-            if want_loss:
-                loss_out[i] = loss
-            acc += loss
-    rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
-
-
-@rt.kernel
-def _cross_entropy_probs(
-    z, y, w, rows, classes, smoothing, loss_out, grad_out, go, scale, lanes, scratch
-):
-    sa = cuda.shared.array(THREADS, float64)
-    sb = cuda.shared.array(THREADS, float64)
-    sc = cuda.shared.array(THREADS, float64)
-    tid = cuda.threadIdx.x
-    lane = tid % lanes
-    per_block = THREADS // lanes
-    weighted = w.size > 0
-    want_loss = loss_out.size > 0
-    want_grad = grad_out.size > 0
-    upstream = go.size > 0
-    off = smoothing / classes if classes else 0.0
-    acc = 0.0
-    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
-        i = base + tid // lanes
-        active = i < rows
-        row = i * classes
-        m = -math.inf
-        if active:
-            for j in range(lane, classes, lanes):
-                v = float64(z[row + j])
-                m = m if m >= v else v
-        m = rt.group_max(sa, tid, lane, lanes, m)
-        total = 0.0
-        big_a = 0.0  # sum_c a_c with a_c = w_c ((1 - smoothing) y_c + off)
-        az = 0.0  # sum_c a_c z_c
-        if active:
-            for j in range(lane, classes, lanes):
-                v = float64(z[row + j])
-                total += math.exp(v - m)
-                a = (1.0 - smoothing) * float64(y[row + j]) + off
-                if weighted:
-                    a *= float64(w[j])
-                big_a += a
-                az += a * v
-        total, big_a, az = rt.group_sum3(sa, sb, sc, tid, lane, lanes, total, big_a, az)
-        if active:
-            loss = big_a * (m + rt.log(total)) - az
-            if want_grad:
-                g = scale * float64(go[i]) if upstream else scale
-                for j in range(lane, classes, lanes):
-                    a = (1.0 - smoothing) * float64(y[row + j]) + off
-                    if weighted:
-                        a *= float64(w[j])
-                    e = math.exp(float64(z[row + j]) - m)
-                    grad_out[row + j] = (big_a * e / total - a) * g
-            if lane == 0:
-                if want_loss:
-                    loss_out[i] = loss
-                acc += loss
-    rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
 @rt.device
@@ -324,42 +192,6 @@ def _run(p, loss_out, grads, launch):
 
 def _upstream(grads, grad_output, dtype):
     return rt.flat(grad_output, dtype) if grads else rt.nothing(dtype)
-
-
-def cross_entropy(p, loss_out, grads, grad_output, scale):
-    z = p.arrays[0]
-    rows, classes = z.shape
-    probabilities = p.params["probabilities"]
-    ignore_index, smoothing = p.params["ignore_index"], p.params["label_smoothing"]
-    if rows == 0:
-        return 0.0
-    lanes, blocks = rt.rows_config(rows, classes)
-    scratch = rt.partials(blocks)
-    go = _upstream(grads, grad_output, p.dtype)
-
-    def launch(z, t, w, loss, grad):
-        if probabilities:
-            _cross_entropy_probs[blocks, THREADS, rt.stream()](
-                z, t, w, rows, classes, smoothing, loss, grad, go, float(scale), lanes, scratch
-            )
-        else:
-            _cross_entropy_index[blocks, THREADS, rt.stream()](
-                z,
-                t,
-                w,
-                classes,
-                ignore_index,
-                smoothing,
-                loss,
-                grad,
-                go,
-                float(scale),
-                lanes,
-                scratch,
-            )
-        return scratch
-
-    return _run(p, loss_out, grads, launch)
 
 
 def cross_entropy_hessian(p, loss_out, grads, hessians, grad_output, scale):

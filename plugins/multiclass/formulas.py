@@ -3,11 +3,11 @@ a row whose target is class ``c`` from ``logp = log softmax(z)_c`` and ``lse = l
 exp(z_j)``, with the coefficients of its gradient, ``d loss / d z_j = a p_j + b [j == c]``.
 The template adds class weights, ``ignore_index``, label smoothing and probability targets.
 
-One formula serves ``softmax_focal_loss``, ``poly1_cross_entropy`` and
-``softmax_cross_entropy``, each with the others' parameters at 0 (where each term vanishes
-exactly): every formula is a kernel of its own, and each costs seconds of cold compile per
-dtype and variant, in CI and on a user's first call; the unused terms cost a few operations
-a row.
+``cross_entropy`` is the first. One formula serves ``softmax_focal_loss``,
+``poly1_cross_entropy`` and ``softmax_cross_entropy``, each with the others' parameters at 0
+(where each term vanishes exactly): every formula is a kernel of its own, and each costs
+seconds of cold compile per dtype and variant, in CI and on a user's first call; the unused
+terms cost a few operations a row.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from __future__ import annotations
 import math
 
 from lossforge.runtime import mathfn
+
+
+def cross_entropy(logp, lse, p):
+    """``-logp``: its gradient is ``p_j - [j == c]``."""
+    return -logp, 1.0, -1.0
 
 
 def softmax_losses(logp, lse, p):

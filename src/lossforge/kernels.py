@@ -611,6 +611,11 @@ class Softmax:
         ``params["transform"]``; the gradient gets the chain rule per element.
     params: the names of ``Prepared.params`` that make ``p``, in order.
     parallel_min: elements from which the CPU runs the parallel variant.
+    constant_coefficients: the formula's ``a`` and ``b`` are constants (cross entropy's
+        ``1`` and ``-1``), so that it is affine in ``logp`` with slope ``b``: the smoothing
+        mass's loss ``sum_j q_j loss(logp_j)`` then comes from ``sum_j w_j z_j`` and one
+        formula call a row, not a call a class (cross entropy's smoothed rows of 100 classes
+        ran 33% slower with the calls per class).
 
     ``Prepared.arrays`` is ``(rows of logits (R, C), class indices (R) int64 or
     probabilities (R, C), class weights (C) or length 0)``, all C-contiguous, and
@@ -619,9 +624,12 @@ class Softmax:
     ``probabilities``, ``ignore_index``, ``label_smoothing`` and ``transform``: what the
     multiclass plugin's ``prepare`` makes of ``cross_entropy``'s arguments.
 
-    Not yet here: the transposed kernel for few classes that the hand-written
-    ``cross_entropy`` runs for C <= 31, and a fast small-input lane: such rows run the row
-    kernel, correct but slower (see docs/softmax.md).
+    The CPU kernels (``runtime.cpu``): ``softmax_few`` for class indices with at most
+    ``FEW_CLASSES`` classes (rows transposed in blocks, every loop along rows),
+    ``softmax_index`` for longer rows, ``softmax_probs`` for probability targets; each case
+    (weights, smoothing, long rows, absent outputs) compiles without the others' code. A
+    small call with the default options takes the fast lane when ``specs`` is given the
+    default parameters.
     """
 
     def __init__(
@@ -631,11 +639,13 @@ class Softmax:
         transform: Formula | None = None,
         params: tuple[str, ...] = (),
         parallel_min: int | None = None,
+        constant_coefficients: bool = False,
     ):
         self.row = row
         self.transform = transform
         self.params = params
         self.parallel_min = parallel_min
+        self.constant_coefficients = constant_coefficients
         self.__name__ = row.__name__
         self.__doc__ = row.__doc__
         self._cuda: Any = None
@@ -644,50 +654,107 @@ class Softmax:
         return f"<Softmax {self.row.__module__}.{self.row.__qualname__}>"
 
     @functools.cached_property
-    def kernel(self) -> Any:
-        """``kernel(n, z, t, y, w, p, ignore_index, smoothing, transformed, loss_out,
-        grad_out, go, scale)``: ``runtime.cpu.softmax_rows``."""
+    def kernels(self) -> Any:
+        """``(few, index, probs, checked)``: ``runtime.cpu.softmax_few``, ``softmax_index``
+        and ``softmax_probs`` made from the formula (``KernelPair``), and the fast lane's
+        ``softmax_checked``."""
         from lossforge.runtime import cpu
 
         identity = cpu.no_transform if self.transform is None else cpu.inline(self.transform)
-        return cpu.KernelPair(
-            cpu.softmax_rows,
-            **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
-            name=_kernel_name(self.row, "softmax_rows", self.transform),
-            namespace={"row": cpu.inline(self.row), "transform": identity},
+        namespace = {
+            "row": cpu.inline(self.row),
+            "transform": identity,
+            "constant_coefficients": self.constant_coefficients,
+        }
+        suffix = "_constant" if self.constant_coefficients else ""
+        options = {} if self.parallel_min is None else {"parallel_min": self.parallel_min}
+        few, index, probs = (
+            cpu.KernelPair(
+                body,
+                **options,
+                name=_kernel_name(self.row, body.__name__ + suffix, self.transform),
+                namespace=namespace,
+            )
+            for body in (cpu.softmax_few, cpu.softmax_index, cpu.softmax_probs)
         )
+        checked = cpu.jit(
+            clone(
+                cpu.softmax_checked,
+                _kernel_name(self.row, "softmax_checked" + suffix, self.transform),
+                {
+                    "check_targets_serial": cpu.check_class_targets.serial,
+                    "few_serial": few.serial,
+                    "index_serial": index.serial,
+                },
+            )
+        )
+        return few, index, probs, checked
 
     def _params(self, p: Any) -> tuple[float, ...]:
         return tuple(float(p.params[k]) for k in self.params) or (0.0,)  # no empty tuple
 
     def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on the CPU."""
+        from lossforge.runtime import cpu
+
+        few, index, probs, _ = self.kernels
         z, t, w = p.arrays
         moved = p.params["moved"]
         grad = grads[0] if grads else None
         rows_grad: Any = None
         if grad is not None:  # the rows' gradient, moved back after a K-dimensional input
             rows_grad = np.empty_like(z) if moved is not None else grad.reshape(z.shape)
-        probabilities = p.params["probabilities"]
-        nothing = validate.no_weight(z.dtype, "cpu")
-        total = self.kernel(
-            z.size,
-            z,
-            np.empty(0, np.int64) if probabilities else t,
-            t if probabilities else np.empty((0, 0), z.dtype),
-            w,
+        smoothing = float(p.params["label_smoothing"])
+        classes = z.shape[1]
+        arrays = (
+            w if w.size else None,
             self._params(p),
-            p.params["ignore_index"],
-            float(p.params["label_smoothing"]),
-            bool(p.params.get("transform") and self.transform),
-            nothing if loss_out is None else loss_out.reshape(-1),
-            np.empty((0, 0), z.dtype) if rows_grad is None else rows_grad,
-            nothing if grad_output is None else grad_output.reshape(-1),
+        )
+        outputs = (
+            None if loss_out is None else loss_out.reshape(-1),
+            rows_grad,
+            None if grad_output is None else grad_output.reshape(-1),
             scale,
         )
+        # a type to Numba (True or None): compiled out when there is no transform
+        transformed = True if p.params.get("transform") and self.transform else None
+        if p.params["probabilities"]:
+            long = cpu.long_rows_for(classes)
+            total = probs(z.size, z, t, *arrays, smoothing, long, transformed, *outputs)
+        elif classes <= cpu.FEW_CLASSES:
+            ignore = p.params["ignore_index"]
+            total = few(z.size, z, t, *arrays, ignore, smoothing, transformed, *outputs)
+        else:
+            ignore = p.params["ignore_index"]
+            smooth = smoothing or None
+            long = cpu.long_rows_for(classes)
+            total = index(z.size, z, t, *arrays, ignore, smooth, long, transformed, *outputs)
         if moved is not None and grad is not None:  # (N, d1, ..., dk, C) -> (N, C, d1, ...)
             np.copyto(grad, np.moveaxis(rows_grad.reshape(moved), -1, 1))
         return total
+
+    def fast(self, arrays: tuple[Any, ...], out: Any, params: tuple[float, ...]) -> Any:
+        """``value_and_grad(input, target, out=out)`` with the default options (``"mean"``,
+        no weight, ``ignore_index`` -100, no smoothing; ``params`` the defaults' ``p``) on
+        small ready NumPy rows: what the general path computes, with the same serial kernel
+        and arguments, minus its per-call layers. ``None`` for anything else (bad targets
+        and an all-ignored batch included) and for inputs that run in parallel, where the
+        layers cost nothing in comparison: the general path handles those."""
+        if len(arrays) != 2:
+            return None
+        x, t = arrays
+        dtype = validate.ready_rows(x, t)
+        _, index, _, checked = self.kernels
+        if dtype is None or x.size >= index.parallel_min:
+            return None
+        if out is None:
+            out = np.empty(x.shape, dtype)
+        elif not validate.ready_out(out, x.shape, dtype, arrays):
+            return None
+        total, denominator = checked(x, t, out, params)
+        if not denominator:
+            return None
+        return dtype.type(total / denominator), out
 
     def cuda(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on CUDA: a group of threads a row
@@ -735,11 +802,23 @@ class Softmax:
             return rt.finish(scratch)[0]
         return 0.0
 
-    def specs(self, loss: str) -> Iterator[KernelSpec]:
-        """The CPU and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``
-        (no Hessian: ``Loss.grad_hess`` says the loss has none)."""
-        yield KernelSpec(loss, "cpu", self.cpu)
-        yield KernelSpec(loss, "cuda", self.cuda)
+    def specs(
+        self,
+        loss: str,
+        defaults: dict[str, float] | None = None,
+        hessian: tuple[Any, Any] | None = None,
+    ) -> Iterator[KernelSpec]:
+        """The CPU and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``:
+        ``defaults``, the formula's parameters (by name) under the loss's default options,
+        gives the CPU kernel a fast lane; ``hessian``, hand-written (CPU, CUDA)
+        ``KernelSpec.hessian`` functions (the template derives none)."""
+        fast = None
+        if defaults is not None:
+            params = tuple(float(defaults[k]) for k in self.params) or (0.0,)
+            fast = functools.partial(self.fast, params=params)
+        cpu_hessian, cuda_hessian = hessian or (None, None)
+        yield KernelSpec(loss, "cpu", self.cpu, fast=fast, hessian=cpu_hessian)
+        yield KernelSpec(loss, "cuda", self.cuda, hessian=cuda_hessian)
 
 
 def prepare(

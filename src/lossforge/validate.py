@@ -171,6 +171,20 @@ def as_index(name: str, array: Any, backend: str) -> Any:
     return dispatch.cuda_runtime().as_contiguous(array, np.dtype(np.int64))
 
 
+def ready_rows(x: Any, t: Any) -> np.dtype | None:
+    """The dtype when rows of logits ``x`` and class indices ``t`` are already what the
+    softmax kernels take: a C-contiguous float32/float64 NumPy ``(N, C)`` input and
+    C-contiguous int64 ``(N)`` indices; else ``None`` (the general path converts them)."""
+    if type(x) is not np.ndarray or type(t) is not np.ndarray:
+        return None
+    dtype = x.dtype
+    if (dtype is not _F32 and dtype is not _F64) or t.dtype is not _I64:
+        return None
+    if x.ndim != 2 or t.shape != x.shape[:1]:
+        return None
+    return dtype if x.flags.c_contiguous and t.flags.c_contiguous else None
+
+
 def ready_out(
     out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: Sequence[np.ndarray] = ()
 ) -> bool:

@@ -938,11 +938,12 @@ def _softmax_rows(
     scratch,
 ):
     """Rows of logits through a softmax row formula (``lossforge.kernels.Softmax``), as
-    ``runtime.cpu.softmax_rows`` in float64: each row handled by a group of ``lanes``
-    threads, coalesced along the row, for its maximum, its sums (exponentials; with a target
-    distribution also the formula's loss and ``a`` coefficients) by fixed trees in shared
-    memory, and its gradient, written once; rows' losses go to deterministic per-block
-    partials. ``t`` (int64 class indices) or ``y`` (probabilities) is length 0."""
+    ``runtime.cpu.softmax_index`` and ``softmax_probs`` in float64: each row handled by a
+    group of ``lanes`` threads, coalesced along the row, for its maximum, its sums
+    (exponentials; with a target distribution also the formula's loss and ``a``
+    coefficients) by fixed trees in shared memory, and its gradient, written once; rows'
+    losses go to deterministic per-block partials. ``t`` (int64 class indices) or ``y``
+    (probabilities) is length 0."""
     sa = cuda.shared.array(THREADS, float64)
     sb = cuda.shared.array(THREADS, float64)
     sc = cuda.shared.array(THREADS, float64)
