@@ -104,27 +104,12 @@ def _cosine_similarity(kernel):
             else:
                 grad = rows_grad.reshape(full)
             if full is not None and tuple(final.shape) != full:
-                _sum_into(final, grad, p.backend)
+                dispatch.sum_into(final, grad, p.backend)
             else:
                 dispatch.copy_into(final, grad, p.backend)
         return total
 
     return run
-
-
-def _sum_into(final, grad, backend):
-    """``final[...] = grad`` summed over the dimensions it was broadcast along (in float64,
-    NumPy's pairwise sum: the same bits for any thread count); on CUDA through the host."""
-    host = grad if backend == "cpu" else dispatch.cuda_runtime().to_host(grad)
-    lead = host.ndim - final.ndim
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(final.shape) if n == 1 and host.shape[lead + i] != 1
-    )
-    summed = np.sum(host, axis=axes, dtype=np.float64).reshape(final.shape).astype(final.dtype)
-    if backend == "cpu":
-        final[...] = summed
-    else:
-        final.copy_to_device(summed, stream=dispatch.cuda_runtime().stream())
 
 
 def _broadcast_pair(arrays, backend):
