@@ -145,6 +145,17 @@ def test_with_distance_takes_pytorch_distances(rng):
     module = torch.nn.PairwiseDistance(p=1.5, eps=1e-3)
     got = lf.triplet_margin_with_distance_loss(*arrays, distance_function=module, swap=True)
     assert got == lf.triplet_margin_loss(*arrays, p=1.5, eps=1e-3, swap=True)
+    for norm in (np.inf, 0.0, -1.0):  # any p, as triplet_margin_loss takes it
+        module = torch.nn.PairwiseDistance(p=norm)
+        value, grads = lf.triplet_margin_with_distance_loss.value_and_grad(
+            *arrays, distance_function=module
+        )
+        expected, expected_grads = torch_value_and_grad(
+            "triplet_margin_with_distance_loss", arrays, ALL, distance_function=module
+        )
+        np.testing.assert_allclose(value, expected, rtol=1e-12)
+        for g, e in zip(grads, expected_grads, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-14)
     with pytest.raises(TypeError, match="compiled kernel"):
         lf.triplet_margin_with_distance_loss(
             *arrays, distance_function=torch.nn.PairwiseDistance(keepdim=True)

@@ -432,7 +432,15 @@ def reference(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=Fals
     a, b, c = (np.asarray(x, np.float64) for x in (anchor, positive, negative))
 
     def dist(x, y):
-        return (np.abs(x - y + eps) ** p).sum(-1) ** (1 / p)
+        v = np.abs(x - y + eps)
+        if p == 0:
+            return np.count_nonzero(v, axis=-1).astype(np.float64)
+        if p == math.inf:
+            return v.max(-1)
+        if p == -math.inf:
+            return v.min(-1)
+        with np.errstate(divide="ignore"):  # 0 ** p = inf for p < 0: that norm is 0
+            return (v**p).sum(-1) ** (1 / p)
 
     neg = dist(a, c)
     if swap:
