@@ -44,7 +44,10 @@ def torch_value_and_grad(
         if grad_output is None
         else torch.as_tensor(np.asarray(grad_output), dtype=value.dtype)
     )
-    grads = torch.autograd.grad(value, [tensors[i] for i in differentiable], go)
+    # materialize_grads: an input the value does not depend on (a p=0 norm) gets zeros
+    grads = torch.autograd.grad(
+        value, [tensors[i] for i in differentiable], go, materialize_grads=True
+    )
     return value.detach().numpy(), [g.numpy() for g in grads]
 
 

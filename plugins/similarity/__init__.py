@@ -104,27 +104,12 @@ def _cosine_similarity(kernel):
             else:
                 grad = rows_grad.reshape(full)
             if full is not None and tuple(final.shape) != full:
-                _sum_into(final, grad, p.backend)
+                dispatch.sum_into(final, grad, p.backend)
             else:
                 dispatch.copy_into(final, grad, p.backend)
         return total
 
     return run
-
-
-def _sum_into(final, grad, backend):
-    """``final[...] = grad`` summed over the dimensions it was broadcast along (in float64,
-    NumPy's pairwise sum: the same bits for any thread count); on CUDA through the host."""
-    host = grad if backend == "cpu" else dispatch.cuda_runtime().to_host(grad)
-    lead = host.ndim - final.ndim
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(final.shape) if n == 1 and host.shape[lead + i] != 1
-    )
-    summed = np.sum(host, axis=axes, dtype=np.float64).reshape(final.shape).astype(final.dtype)
-    if backend == "cpu":
-        final[...] = summed
-    else:
-        final.copy_to_device(summed, stream=dispatch.cuda_runtime().stream())
 
 
 def _broadcast_pair(arrays, backend):
@@ -337,24 +322,38 @@ SPECS = [
         reference=triplet.reference,
         example=triplet.example,
         example_variants=({"features": 128},),
-        option_sets=({"swap": True, "margin": 2.0}, {"p": 1.0}, {"p": 3.0, "eps": 0.0}),
+        option_sets=(
+            {"swap": True, "margin": 2.0},
+            {"p": 1.0},
+            {"p": 3.0, "eps": 0.0},
+            {"p": math.inf, "swap": True},
+            {"p": -1.0, "margin": 0.2},
+        ),
         doc="""Triplet margin loss, as PyTorch 2.13 computes it: per row
     ``max(margin + d(anchor, positive) - d_neg, 0)`` with ``d(x, y) = ||x - y + eps||_p``
     (pairwise_distance) and ``d_neg = d(anchor, negative)``, or with ``swap``
     ``min(d(anchor, negative), d(positive, negative))``; ``margin`` > 0 (PyTorch's check).
-    ``p`` is any finite ``p > 0`` (PyTorch also takes 0, negative and infinite ``p``;
-    lossforge raises ``ValueError``).
+    ``p`` is any ``p`` PyTorch takes: ``||v||_p = (sum |v_k|^p)^(1/p)`` for ``p > 0`` and
+    ``p < 0`` (a zero element makes that norm 0), the count of nonzero elements for ``p = 0``,
+    ``max |v_k|`` for ``p = inf``, ``min |v_k|`` for ``p = -inf``.
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``: autograd's, with ``clamp_min``
     passing the gradient where its argument is >= 0, tied ``swap`` distances sharing it
-    half and half, and 0 for the norm's derivative where an element or the norm is 0.
+    half and half, and the norm's derivative as torch's ``norm_backward`` takes it: 0 where an
+    element is 0 (or the norm, for p >= 1), none for ``p = 0``, and for ``p = +-inf`` shared
+    evenly among the elements at the max (min).
     No Hessian diagonal (``grad_hess`` raises): the loss couples the three inputs through
     norms, and its diagonal alone is no useful Newton step.
 
     Shape:
         anchor, positive, negative: (N, D) or (D) (or (..., D): distances along the last
-            dimension, as PyTorch computes them), all of one shape (PyTorch would also
-            broadcast equal-rank shapes; lossforge raises ``ValueError``).
-        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
+            dimension, as PyTorch computes them), of one number of dimensions, broadcast
+            together as PyTorch broadcasts them (one anchor (1, D) against (N, D) rows).
+            Shapes that do not broadcast, unequal numbers of dimensions, and an empty last
+            dimension for ``p < 0`` or ``+-inf`` are a ``ValueError`` (PyTorch's
+            ``RuntimeError``).
+        Output: a scalar for "mean" and "sum"; the broadcast shape without its last
+            dimension for "none". Gradients: each input's own shape (summed over the
+            dimensions it was broadcast along, as autograd sums them).
 """,
     ),
     LossSpec(
@@ -376,14 +375,16 @@ SPECS = [
         doc="""Triplet margin loss with a distance function, for the distances a kernel can
     compute: ``distance_function=None`` (the default) or ``torch.pairwise_distance`` is
     ``triplet_margin_loss(p=2, eps=1e-6)``; a ``torch.nn.PairwiseDistance(p, eps)`` module
-    (``keepdim=False``) is ``triplet_margin_loss(p=p, eps=eps)``. Any other callable raises
-    ``TypeError``: Python code cannot run inside a compiled kernel (``triplet_margin_loss``
-    takes any p-norm). ``margin`` must be > 0, as PyTorch requires (``ValueError``).
+    (``keepdim=False``, any ``p``) is ``triplet_margin_loss(p=p, eps=eps)``. Any other
+    callable raises ``TypeError``: Python code cannot run inside a compiled kernel
+    (``triplet_margin_loss`` takes any p-norm). ``margin`` must be > 0, as PyTorch requires
+    (``ValueError``).
     ``grad`` returns ``(d/danchor, d/dpositive, d/dnegative)``.
 
     Shape:
-        anchor, positive, negative: (N, D) or (D) (or (..., D)), all of one shape.
-        Output: a scalar for "mean" and "sum"; (N), () or (...) for "none".
+        anchor, positive, negative: (N, D) or (D) (or (..., D)), broadcast together as
+            for ``triplet_margin_loss``.
+        Output: as for ``triplet_margin_loss``; gradients in each input's own shape.
 """,
     ),
     LossSpec(

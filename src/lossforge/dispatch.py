@@ -78,3 +78,19 @@ def copy_into(dst: Any, src: Any, backend: str) -> None:
         dst[...] = src
     else:
         cuda_runtime().copy_into(dst, src)
+
+
+def sum_into(final: Any, grad: Any, backend: str) -> None:
+    """``final[...] = grad`` summed over the dimensions ``final`` was broadcast along (the
+    gradient of a broadcast input, as autograd sums it): in float64, NumPy's pairwise sum (the
+    same bits for any thread count); on CUDA through the host (one round trip)."""
+    host = grad if backend == "cpu" else cuda_runtime().to_host(grad)
+    lead = host.ndim - final.ndim
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(final.shape) if n == 1 and host.shape[lead + i] != 1
+    )
+    summed = np.sum(host, axis=axes, dtype=np.float64).reshape(final.shape).astype(final.dtype)
+    if backend == "cpu":
+        final[...] = summed
+    else:
+        final.copy_to_device(summed, stream=cuda_runtime().stream())
