@@ -247,6 +247,33 @@ def test_measure_times_the_call():
 
 
 # -- warmup -----------------------------------------------------------------------------------
+def test_table_marks_a_median_far_above_the_fastest_repeat():
+    def row(loss, median, fastest):
+        timing = {"median_s": median, "min_s": fastest, "repeats": 9, "inner": 1}
+        return {
+            "loss": loss,
+            "label": "1000",
+            "threads": 2,
+            "lossforge": timing,
+            "gbps": 1.0,
+            "floor_fraction": 0.5,
+            "torch": None,
+        }
+
+    machine = {"lossforge": "x", "numba": "x", "numpy": "x", "torch": None, "cpu_count": 2}
+    report = {
+        "machine": machine,
+        "dtype": "float32",
+        "floor": {"2": {"gbps": 2.0}},
+        "results": [row("waited", 8e-3, 2e-4), row("steady", 3e-4, 2e-4)],
+    }
+    lines = bench.format_table(report).splitlines()
+    waited = next(line for line in lines if line.startswith("waited"))
+    steady = next(line for line in lines if line.startswith("steady"))
+    assert "8.00 ms ~" in waited
+    assert "~" not in steady and "300.0 us" in steady
+
+
 def test_warmup_import_compiles_nothing():
     code = "import sys, lossforge.warmup; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -67,6 +67,9 @@ def samples(name, rng):
                 rng.uniform(-745, 710, 200_000),
                 rng.uniform(-1, 1, 100_000),
                 rng.uniform(-40, 40, 100_000),
+                # x / log 2 at half-integers, where n = round(x / log 2) is a tie: either n
+                # must do (|r| at its bound ln(2) / 2), subnormal results included
+                (np.arange(-1075, 1024) + 0.5) * np.log(2.0),
             ]
         )
     if base == "exp_nonpositive":  # results in the normal range (below it: test_flush)
@@ -114,7 +117,7 @@ def test_within_two_ulp(name, rng):
 @pytest.mark.parametrize(
     ("name", "x"),
     [
-        ("exp", [np.inf, -np.inf, np.nan, 0.0, 710.0, -746.0, -745.13, 709.78]),
+        ("exp", [np.inf, -np.inf, np.nan, -np.nan, 0.0, 710.0, -746.0, -745.13, 709.78]),
         ("log", [np.inf, -np.inf, np.nan, 0.0, -0.0, -1.0, 1.0, 5e-324, 1.7976931348623157e308]),
         ("log1p", [-1.0, -2.0, np.inf, np.nan, 0.0, 1e-320, 1e-17]),
         ("log1p_unit", [np.nan, 0.0, 1.0, 1e-320]),

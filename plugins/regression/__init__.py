@@ -192,7 +192,14 @@ def log_cosh(x, y, a, p):
     """``log(cosh(d))`` as ``|d| + log1p(exp(-2|d|)) - log 2`` (no overflow for large
     ``|d|``), gradient ``tanh(d) = sign(d) (1 - e) / (1 + e)`` with ``e = exp(-2|d|)``; both
     from their Taylor series below ``|d| = 1/8``, where those forms cancel (the series' first
-    omitted term is below 1e-17 relative there)."""
+    omitted term is below 1e-17 relative there).
+
+    Both forms are computed for every element and one is selected (the loop vectorizes), so
+    the cost is their sum, and it is arithmetic, not memory: 10^6 float32 ran at 19% of the
+    bandwidth floor on 2 threads (mse_loss there: in cache, 323%). ``log1p(e)`` is
+    ``log1p_unit``, as softplus's: ``e`` is in [0, 1], where the general ``log1p``'s exponent
+    extraction, edge selects and rounding correction (a second division) are wasted; that
+    took the loop from 4.1 to 2.9 ms (one thread, side by side in one process)."""
     d = x - y
     ad = abs(d)
     e = mathfn.exp_nonpositive(-2.0 * ad)
@@ -214,7 +221,7 @@ def log_cosh(x, y, a, p):
     t = t * z + 1.0  # T1
     c = c * z + 0.5
     small = ad < 0.125
-    loss = c * z if small else ad + mathfn.log1p(e) - LOG_TWO
+    loss = c * z if small else ad + mathfn.log1p_unit_native(e) - LOG_TWO
     g = t * ad if small else (1.0 - e) / (1.0 + e)
     return loss, (-g if d < 0 else g)
 
@@ -253,11 +260,17 @@ def pinball(x, y, a, p):
 
 def tweedie(x, y, a, p):
     """p = (power,). The input is the log of the mean: ``-y exp((1-p) x) / (1-p) +
-    exp((2-p) x) / (2-p)``, gradient ``-y exp((1-p) x) + exp((2-p) x)``."""
+    exp((2-p) x) / (2-p)``, gradient ``-y exp((1-p) x) + exp((2-p) x)``.
+
+    The divisions are by reciprocals of the parameter: LLVM hoists ``1 / (2 - p)`` out of
+    the loop, where ``v / (2 - p)`` was a division per element (it may not rewrite one into
+    the other itself: they round differently, by an ulp). With ``mathfn.exp``'s cheaper
+    rounding, the loop went from 2.90 to 2.23 ms (10^6 float32, one thread, side by side in
+    one process); the two full-range exps are most of what is left."""
     (power,) = p
     u = mathfn.exp((1.0 - power) * x)
     v = mathfn.exp((2.0 - power) * x)
-    return v / (2.0 - power) - y * u / (1.0 - power), v - y * u
+    return v * (1.0 / (2.0 - power)) - y * u * (1.0 / (1.0 - power)), v - y * u
 
 
 def tweedie_hessian(x, y, a, p):

@@ -94,23 +94,29 @@ def _exp_reduced(r):
     return p * r + 1.0
 
 
+# 1.5 * 2 ** 52: x + it rounds x to an integer, held in the low bits of the float's mantissa
+_ROUND = 6755399441055744.0
+_ROUND_BITS64 = int(np.array(_ROUND).view(np.int64))
+
+
 @numba.njit(**_INLINE)
 def exp(x):
-    """e ** x for float64 x."""
+    """e ** x for float64 x. n = round(x / log 2) is rounded in the mantissa of a float, as
+    ``exp_nonpositive_f64`` does, not by a float-to-int conversion after a floor (a nan test,
+    two selects and a conversion): 10% off a loop of two exps (tweedie_loss, 10^6 float32,
+    one thread, 2.93 -> 2.63 ms, measured side by side in one process), the same results but
+    for x / log 2 within rounding of a half-integer, where either n is as good."""
     x = 709.8 if x > 709.8 else x  # nan fails both tests and stays nan
     x = -745.2 if x < -745.2 else x
-    k = 0.0 if x != x else x * _LOG2E + 0.5  # nan must not reach the int conversion
-    n = numba.int64(k if k >= 0 else k - 1.0)  # floor, for |k| < 2 ** 52
-    fn = numba.float64(n)
+    k = x * _LOG2E + _ROUND
+    fn = k - _ROUND
     r = (x - fn * _LN2_HI) - fn * _LN2_LO  # |r| <= ln(2) / 2
     p = _exp_reduced(r)
+    n = _as_int64(k) - _ROUND_BITS64  # in [-1075, 1024]; garbage for nan, and p is nan
     half = n >> 1  # 2**n as two factors, so that subnormal results round once
     return p * _pow2(half) * _pow2(n - half)
 
 
-# 1.5 * 2 ** 52: x + it rounds x to an integer, held in the low bits of the float's mantissa
-_ROUND = 6755399441055744.0
-_ROUND_BITS64 = int(np.array(_ROUND).view(np.int64))
 # from here down n = round(x / log 2) is -1023, which makes the scale 2 ** n exactly 0
 _EXP_FLUSH = -709.0
 
