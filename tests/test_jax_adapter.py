@@ -239,10 +239,11 @@ def test_cpu_calls_are_xla_ffi_calls_and_runtime_errors_come_back():
     np.testing.assert_allclose(g, h, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 @pytest.mark.parametrize("scale", [1.0, -2.5, 0.0])
-def test_backward_scales_the_saved_gradient_by_the_cotangent(scale):
-    # the fused forward's gradient is scaled in XLA's buffer; a cotangent of 1 leaves it as is
-    (x, t), _ = example("huber_loss")
+def test_backward_scales_the_saved_gradient_by_the_cotangent(scale, dtype):
+    # the fused forward's gradient times the cotangent, in the gradient's dtype
+    (x, t), _ = example("huber_loss", dtype=dtype)
     unscaled = lf.huber_loss.grad(np.asarray(x), np.asarray(t))
     expected = scale * unscaled
 
@@ -250,11 +251,22 @@ def test_backward_scales_the_saved_gradient_by_the_cotangent(scale):
         loss = lfj.huber_loss(x, t)
         return scale * loss, loss
 
+    rtol = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3}[dtype]
     g = jax.jit(jax.grad(lambda x: scale * lfj.huber_loss(x, t)))(x)
-    np.testing.assert_allclose(g, expected, rtol=1e-12, atol=0)
+    assert g.dtype == x.dtype
+    np.testing.assert_allclose(g, expected, rtol=rtol, atol=0)
     jac = jax.jit(jax.jacrev(twice))(x)
-    np.testing.assert_allclose(jac[0], expected, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(jac[1], unscaled, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(jac[0], expected, rtol=rtol, atol=0)
+    np.testing.assert_allclose(jac[1], unscaled, rtol=rtol, atol=0)
+
+
+def test_value_and_grad_compiles_to_one_host_call():
+    # jax.grad's cotangent of 1: XLA folds the backward multiply away, leaving the fused
+    # forward call alone; no second call, no pass over the gradient
+    (z, y), _ = example("cross_entropy", dtype="float32")
+    for f in [jax.value_and_grad, jax.grad]:
+        text = jax.jit(f(lambda z: lfj.cross_entropy(z, y))).lower(z).compile().as_text()
+        assert text.count("custom-call(") == 1 and "multiply" not in text
 
 
 def test_ffi_handler_sees_xla_buffers_as_arrays_of_every_dtype_and_shape():
