@@ -239,10 +239,11 @@ def test_cpu_calls_are_xla_ffi_calls_and_runtime_errors_come_back():
     np.testing.assert_allclose(g, h, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 @pytest.mark.parametrize("scale", [1.0, -2.5, 0.0])
-def test_backward_scales_the_saved_gradient_by_the_cotangent(scale):
-    # the fused forward's gradient is scaled in XLA's buffer; a cotangent of 1 leaves it as is
-    (x, t), _ = example("huber_loss")
+def test_backward_scales_the_saved_gradient_by_the_cotangent(scale, dtype):
+    # the fused forward's gradient times the cotangent, in the gradient's dtype
+    (x, t), _ = example("huber_loss", dtype=dtype)
     unscaled = lf.huber_loss.grad(np.asarray(x), np.asarray(t))
     expected = scale * unscaled
 
@@ -250,8 +251,53 @@ def test_backward_scales_the_saved_gradient_by_the_cotangent(scale):
         loss = lfj.huber_loss(x, t)
         return scale * loss, loss
 
+    rtol = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3}[dtype]
     g = jax.jit(jax.grad(lambda x: scale * lfj.huber_loss(x, t)))(x)
-    np.testing.assert_allclose(g, expected, rtol=1e-12, atol=0)
+    assert g.dtype == x.dtype
+    np.testing.assert_allclose(g, expected, rtol=rtol, atol=0)
     jac = jax.jit(jax.jacrev(twice))(x)
-    np.testing.assert_allclose(jac[0], expected, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(jac[1], unscaled, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(jac[0], expected, rtol=rtol, atol=0)
+    np.testing.assert_allclose(jac[1], unscaled, rtol=rtol, atol=0)
+
+
+def test_value_and_grad_compiles_to_one_host_call():
+    # jax.grad's cotangent of 1: XLA folds the backward multiply away, leaving the fused
+    # forward call alone; no second call, no pass over the gradient
+    (z, y), _ = example("cross_entropy", dtype="float32")
+    for f in [jax.value_and_grad, jax.grad]:
+        text = jax.jit(f(lambda z: lfj.cross_entropy(z, y))).lower(z).compile().as_text()
+        assert text.count("custom-call(") == 1 and "multiply" not in text
+
+
+def test_ffi_handler_sees_xla_buffers_as_arrays_of_every_dtype_and_shape():
+    # runtime.xla_ffi on its own: a handler copying each argument into its result, through
+    # XLA's buffers, for every FFI dtype it maps and scalar, empty and 3-d shapes
+    from lossforge.runtime import xla_ffi
+
+    seen = []
+
+    def copy(args, rets):
+        for a, r in zip(args, rets, strict=True):
+            seen.append((a.dtype, a.shape, a.flags.writeable, r.flags.writeable))
+            r[...] = a
+
+    target = xla_ffi.register(copy, "test_copy")
+    rng = np.random.default_rng(1)
+    dtypes = "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64"
+    for dtype in dtypes.split():
+        arrays = [(rng.standard_normal(s) * 100).astype(dtype) for s in [(), (0, 3), (2, 3, 4)]]
+        seen.clear()
+        call = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays])
+        out = jax.jit(call)(*arrays)
+        assert seen == [(np.dtype(dtype), a.shape, False, True) for a in arrays]
+        for o, a in zip(out, arrays, strict=True):
+            assert o.dtype == a.dtype and o.shape == a.shape
+            np.testing.assert_array_equal(o, a)
+
+    def write_input(args, rets):
+        args[0][...] = 0  # an input is XLA's, maybe another computation's: read-only
+
+    result = jax.ShapeDtypeStruct((3,), np.float64)  # a call without results is dead code
+    bad = jax.ffi.ffi_call(xla_ffi.register(write_input, "test_write"), result)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"INVALID_ARGUMENT: ValueError.*only"):
+        jax.block_until_ready(jax.jit(bad)(np.ones(3)))

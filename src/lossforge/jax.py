@@ -17,9 +17,10 @@ How a call runs:
   On another platform the call is a ``jax.pure_callback``, and JAX copies the arrays to the
   host and back (the kernels are CPU kernels).
 - A ``"mean"``/``"sum"`` loss under ``jax.grad``/``jax.value_and_grad`` computes value and
-  gradient in one fused callback in the forward pass and scales the gradient by the
-  cotangent in the backward pass. ``reduction="none"`` and losses that are not reduced
-  (``cosine_similarity``) compute the gradient in the backward pass from the cotangent.
+  gradient in one fused callback in the forward pass; the backward pass scales the gradient
+  by the cotangent with an XLA multiply, which XLA removes for a cotangent of 1 (no second
+  call). ``reduction="none"`` and losses that are not reduced (``cosine_similarity``)
+  compute the gradient in the backward pass from the cotangent.
 - Gradients are taken with respect to the loss's differentiable arguments
   (``lossforge.get(name).differentiable``, ``input`` for most losses). Differentiating with
   respect to another argument (a float target, a ``weight``) is a ``ValueError`` at trace
@@ -154,8 +155,9 @@ def _function(name: str, static: tuple[tuple[str, Any], ...], dynamic: tuple[str
         if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
             return (None,) * len(args)
         if grads is not None:
-            shapes = tuple(jax.ShapeDtypeStruct(g.shape, g.dtype) for g in grads)
-            grads = _scaled(shapes, *grads, cotangent)
+            # an XLA multiply, not a host call: XLA folds away a cotangent of 1 (jax.grad's
+            # of a loss) and fuses any other scale into the gradient's consumer
+            grads = tuple(g * cotangent.astype(g.dtype) for g in grads)
         else:
             grads = grad(args, cotangent)
         result: list[Any] = [None] * len(args)
@@ -168,16 +170,12 @@ def _function(name: str, static: tuple[tuple[str, Any], ...], dynamic: tuple[str
 
 
 def _host_call(
-    fill: Callable[[list[np.ndarray], list[np.ndarray]], None],
-    stem: str,
-    aliases: Callable[[int], dict[int, int]] | None = None,
+    fill: Callable[[list[np.ndarray], list[np.ndarray]], None], stem: str
 ) -> Callable[..., tuple[jax.Array, ...]]:
     """``call(shapes, *args)``: the results of ``fill(args, rets)`` (NumPy views of the
     arguments, read-only, and of the results, which it writes) run on the host. On the CPU an
     XLA FFI call (``runtime.xla_ffi``): the kernels read XLA's buffers and write into them;
-    on another platform ``jax.pure_callback``, which copies the arrays to the host and back.
-    ``aliases(len(shapes))``: which argument's buffer XLA may give as which result's (an XLA
-    copy where the argument is still needed elsewhere)."""
+    on another platform ``jax.pure_callback``, which copies the arrays to the host and back."""
     target = xla_ffi.register(fill, stem)
 
     def call(shapes: tuple[jax.ShapeDtypeStruct, ...], *args: Any) -> tuple[jax.Array, ...]:
@@ -187,11 +185,7 @@ def _host_call(
             return tuple(rets)
 
         def ffi(*a: Any) -> Any:
-            where = None if aliases is None else aliases(len(shapes))
-            call = jax.ffi.ffi_call(
-                target, shapes, vmap_method="sequential", input_output_aliases=where
-            )
-            return tuple(call(*a))
+            return tuple(jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*a))
 
         def elsewhere(*a: Any) -> Any:
             return tuple(jax.pure_callback(host, shapes, *a, vmap_method="sequential"))
@@ -199,22 +193,6 @@ def _host_call(
         return jax.lax.platform_dependent(*args, cpu=ffi, default=elsewhere)
 
     return call
-
-
-def _fill_scaled(args: list[np.ndarray], rets: list[np.ndarray]) -> None:
-    """Each gradient times the cotangent (the last argument), in the gradient's dtype; in
-    place where XLA gave the gradient's buffer as the result's (then a cotangent of 1, as
-    ``jax.grad`` of a loss has, costs nothing)."""
-    cotangent = args[-1]
-    for g, out in zip(args[:-1], rets):
-        if not np.may_share_memory(g, out):  # XLA copied rather than aliased
-            out[...] = g
-        if cotangent != 1:
-            np.multiply(out, out.dtype.type(cotangent), out=out)
-
-
-#: ``_scaled(shapes, *grads, cotangent)``: the backward pass of a fused forward.
-_scaled = _host_call(_fill_scaled, "scaled", aliases=lambda n: {k: k for k in range(n)})
 
 
 def _shapes(
