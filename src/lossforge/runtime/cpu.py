@@ -588,7 +588,7 @@ def softmax_row(zs, e, scratch, long_rows):
     return np.float64(m) + np.log(total), total
 
 
-def check_class_targets(t, classes, ignore_index, w):
+def _check_class_targets(t, classes, ignore_index, w):
     """(how many class indices ``t`` are out of range, summed weight of the others: the
     "mean" denominator), counted without branches so that the pass vectorizes (a search that
     stops at the first bad target does not), per chunk, the partials added in chunk order."""
@@ -620,7 +620,9 @@ def check_class_targets(t, classes, ignore_index, w):
 
 # a scan of the targets alone, cheap enough to stay serial longest: measured through the
 # public API on 2 threads, nll_loss's parallel calls broke even at 131072-262144 elements
-check_class_targets = KernelPair(check_class_targets, parallel_min=1 << 17)
+check_class_targets = KernelPair(
+    _check_class_targets, parallel_min=1 << 17, name="check_class_targets"
+)
 
 
 def softmax_index(
