@@ -189,7 +189,7 @@ def test_float32_and_out():
     grad, hess = lf.softmax_focal_loss.grad_hess(x, t, out=(g, h), **options)
     assert grad is g and hess is h and h.dtype == np.float32
     x64 = x.astype(np.float64)
-    options64 = {k: v.astype(np.float64) if isinstance(v, np.ndarray) else v for k, v in options.items()}
+    options64 = dict(options, weight=options["weight"].astype(np.float64))
     expected = lf.softmax_focal_loss.grad_hess(x64, t, **options64)
     np.testing.assert_allclose(h, expected[1], rtol=1e-5, atol=1e-7)
 
