@@ -333,7 +333,9 @@ _SOFTMAX_DOC = """
     for a class index (0 for ``ignore_index``), the probabilities for a float target, each
     smoothed to ``(1 - label_smoothing) q + label_smoothing / C``; ``w`` the class weights.
     ``"mean"`` divides by the summed weights of the counted targets (by the row count for
-    probability targets), as ``cross_entropy`` does. No ``grad_hess``.
+    probability targets), as ``cross_entropy`` does. ``grad_hess``: the exact Hessian
+    diagonal, derived from the row formula (docs/softmax.md), scaled like the gradient (0
+    for an ignored target).
 """
 
 SPECS = [

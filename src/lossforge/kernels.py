@@ -40,10 +40,9 @@ never the formula's. Two precisions:
 then per element: the cosine losses), and :class:`Softmax` for losses on rows of logits with
 a class target (a formula of the target's log-probability and the row's log-sum-exp; class
 weights, ``ignore_index``, label smoothing and probability targets are the template's: the
-focal, Poly-1 and z-loss cross entropies). Hand-written kernels remain possible through
-``KernelSpec`` for what the templates cannot express: ``cross_entropy`` and ``nll_loss``
-keep theirs (a transposed kernel for few classes, integer-key row maxima, a gather: the
-generated kernel is within 5% of them only from about 1000 classes, docs/softmax.md).
+focal, Poly-1 and z-loss cross entropies, and ``cross_entropy``; with an optional second
+formula, their Hessian diagonals). Hand-written kernels remain possible through
+``KernelSpec`` for what the templates cannot express: ``nll_loss`` keeps its gather.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ import math
 import sys
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -696,7 +695,8 @@ class Softmax:
                 cpu.softmax_checked,
                 _kernel_name(self.row, "softmax_checked" + suffix, self.transform),
                 {
-                    "check_targets_serial": cpu.check_class_targets.serial,
+                    # a KernelPair that replaces its function's name in cpu.py (mypy sees the def)
+                    "check_targets_serial": cast(Any, cpu.check_class_targets).serial,
                     "few_serial": few.serial,
                     "index_serial": index.serial,
                 },
