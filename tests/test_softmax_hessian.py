@@ -245,3 +245,20 @@ def test_cuda_is_the_cpu(loss, case, reduction):
     expected = fn.value_grad_hess(x, t, grad_output=go, reduction=reduction, **options)
     for got, want in zip((value, grad, hess), expected, strict=True):
         np.testing.assert_allclose(host(got), want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_transform_without_its_curvature_refuses_grad_hess():
+    from types import SimpleNamespace
+
+    from lossforge.plugins.multiclass import formulas
+
+    from lossforge.kernels import Softmax
+
+    partial = Softmax(
+        formulas.softmax_losses,
+        transform=formulas.softcap,
+        row_hessian=formulas.softmax_losses_hessian,
+    )
+    with pytest.raises(NotImplementedError, match="softcap"):
+        partial.cpu_hessian(SimpleNamespace(params={"transform": True}), None, (), (), None, 1.0)
+    assert partial._transformed(SimpleNamespace(params={"transform": False})) is False

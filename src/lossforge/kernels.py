@@ -748,10 +748,10 @@ class Softmax:
         self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
     ) -> float:
         """The ``KernelSpec.hessian`` function on the CPU (``runtime.cpu.softmax_hessian``)."""
+        transformed = self._transformed(p)
         z, t, w = p.arrays
         probabilities = p.params["probabilities"]
         moved = p.params["moved"]
-        transformed = self._transformed(p)
         grad, hess = grads[0], hessians[0]
         if moved is None:  # a 1-D input is one row
             rows_grad, rows_hess = grad.reshape(z.shape), hess.reshape(z.shape)
