@@ -1017,9 +1017,8 @@ def softmax_hessian(
                     sums[0, classes:] = 0.0
                     total = tree_sum(sums[0])
                     lse = m + math.log(total)
-                    for j in range(classes):
-                        vj = aj = bj = uu = uv = vv = q = 0.0
-                        if every or j == k:
+                    if every:
+                        for j in range(classes):
                             if probabilities:
                                 q = keep * np.float64(y[i, j]) + off
                             else:
@@ -1028,16 +1027,29 @@ def softmax_hessian(
                                 q *= np.float64(w[j])
                             vj, aj, bj = row(zq[j] - lse, lse, p)
                             uu, uv, vv = row_hessian(zq[j] - lse, lse, p)
-                        sums[0, j] = q * vj
-                        sums[1, j] = q * aj
-                        sums[2, j] = q * (uu - 2.0 * uv + vv)
-                        qb[j] = q * bj
-                        quu[j] = q * uu
-                        quv[j] = q * uv
-                    sums[:, classes:] = 0.0
-                    loss = tree_sum(sums[0])
-                    big_a = tree_sum(sums[1])
-                    big_s = tree_sum(sums[2])
+                            sums[0, j] = q * vj
+                            sums[1, j] = q * aj
+                            sums[2, j] = q * (uu - 2.0 * uv + vv)
+                            qb[j] = q * bj
+                            quu[j] = q * uu
+                            quv[j] = q * uv
+                        sums[:, classes:] = 0.0
+                        loss = tree_sum(sums[0])
+                        big_a = tree_sum(sums[1])
+                        big_s = tree_sum(sums[2])
+                    else:  # the target's call alone: a quarter off rows of 10 classes
+                        q = keep * np.float64(w[k]) if weighted else keep
+                        vj, aj, bj = row(zq[k] - lse, lse, p)
+                        uu, uv, vv = row_hessian(zq[k] - lse, lse, p)
+                        loss = q * vj
+                        big_a = q * aj
+                        big_s = q * (uu - 2.0 * uv + vv)
+                        qb[:classes] = 0.0
+                        quu[:classes] = 0.0
+                        quv[:classes] = 0.0
+                        qb[k] = q * bj
+                        quu[k] = q * uu
+                        quv[k] = q * uv
                     g = scale * np.float64(go[i]) if go.size > 0 else scale
                     for j in range(classes):
                         pj = e[j] / total
