@@ -140,6 +140,35 @@ def signatures(dtype):
         ],
         *[
             (
+                rt.softmax_hessian_kernel(
+                    (k.row, k.row_hessian, k.transform, k.transform_hessian),
+                    f"check_softmax_hessian_{k.__name__}",
+                ),
+                (
+                    a,
+                    index,
+                    a,
+                    a,
+                    types.UniTuple(f, n),
+                    i,
+                    i,
+                    boolean,
+                    i,
+                    f,
+                    boolean,
+                    a,
+                    a,
+                    a,
+                    a,
+                    f,
+                    i,
+                    scratch,
+                ),
+            )
+            for k, n in ((softmax_losses.SOFTMAX, 4), (softmax_losses.CROSS_ENTROPY, 1))
+        ],
+        *[
+            (
                 rt.rowwise_kernel(k.formulas, f"check_{k.__name__}_rowwise"),
                 (a, a, f64, one, i, i, a, a, a, a, f, i, scratch),
             )

@@ -224,12 +224,17 @@ def _many_classes(rng, arrays, dtype):  # the example's rows, of more than FEW_C
 
 # -- softmax losses from row formulas ------------------------------------------------------
 CROSS_ENTROPY = Softmax(
-    formulas.cross_entropy, parallel_min=CROSS_ENTROPY_PARALLEL_MIN, constant_coefficients=True
+    formulas.cross_entropy,
+    row_hessian=formulas.cross_entropy_hessian,
+    parallel_min=CROSS_ENTROPY_PARALLEL_MIN,
+    constant_coefficients=True,
 )
 #: one kernel for the three losses: see formulas.py
 SOFTMAX = Softmax(
     formulas.softmax_losses,
     transform=formulas.softcap,
+    row_hessian=formulas.softmax_losses_hessian,
+    transform_hessian=formulas.softcap_hessian,
     params=("gamma", "epsilon", "z_loss", "softcap"),
 )
 _NEUTRAL = {"gamma": 0.0, "epsilon": 0.0, "z_loss": 0.0, "softcap": 0.0}
@@ -328,7 +333,9 @@ _SOFTMAX_DOC = """
     for a class index (0 for ``ignore_index``), the probabilities for a float target, each
     smoothed to ``(1 - label_smoothing) q + label_smoothing / C``; ``w`` the class weights.
     ``"mean"`` divides by the summed weights of the counted targets (by the row count for
-    probability targets), as ``cross_entropy`` does. No ``grad_hess``.
+    probability targets), as ``cross_entropy`` does. ``grad_hess``: the exact Hessian
+    diagonal, derived from the row formula (docs/softmax.md), scaled like the gradient (0
+    for an ignored target).
 """
 
 SPECS = [
@@ -477,8 +484,7 @@ def lossforge_losses():
 @hookimpl
 def lossforge_kernels():
     cpu, cuda = "lossforge.plugins.multiclass.cpu", "lossforge.plugins.multiclass.cuda"
-    hessian = (f"{cpu}:cross_entropy_hessian", f"{cuda}:cross_entropy_hessian")
-    yield from CROSS_ENTROPY.specs("cross_entropy", defaults={}, hessian=hessian)
+    yield from CROSS_ENTROPY.specs("cross_entropy", defaults={})
     # nll_loss is linear in its input: no Hessian (a zero one would make Newton steps infinite)
     yield KernelSpec("nll_loss", "cpu", f"{cpu}:nll_loss", fast=f"{cpu}:fast_nll_loss")
     yield KernelSpec("nll_loss", "cuda", f"{cuda}:nll_loss")

@@ -1,8 +1,7 @@
 """The hand-written CPU kernels of the multi-class family, on rows of ``(R, C)``: those the
-``kernels.Softmax`` template does not make. ``nll_loss`` is a gather and a scatter, no
-softmax (``_nll``); cross_entropy's Hessian diagonal (``_cross_entropy_hessian``), which the
-template does not derive. cross_entropy's value and gradient come from its row formula
-(``formulas.cross_entropy``) through the template.
+``kernels.Softmax`` template does not make: ``nll_loss``, a gather and a scatter, no
+softmax (``_nll``). cross_entropy's value, gradient and Hessian diagonal come from its row
+formula (``formulas.cross_entropy``) through the template.
 
 Rows are grouped into chunks of about ``CHUNK`` elements (boundaries depend on the shape
 only); per-row losses are summed by ``tree_sum`` per block and the chunk partials in order.
@@ -10,23 +9,18 @@ only); per-row losses are summed by ``tree_sum`` per block and the chunk partial
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import prange
 
 from lossforge import validate
-from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import (
     BLOCK,
     IGNORE_INDEX,
     check_class_targets,
     jit,
     ordered_sum,
-    padded,
     parallel_kernel,
     rows_per_chunk,
-    total_class_weight,
     tree_sum,
 )
 
@@ -87,115 +81,6 @@ def _nll(x, t, w, ignore_index, loss_out, grad_out, go, scale):
                         grad_out[i, k] = -wt * g
         partials[c] = s
     return ordered_sum(partials)
-
-
-@parallel_kernel(parallel_min=CROSS_ENTROPY_PARALLEL_MIN)
-def _cross_entropy_hessian(
-    z, t, y, w, probabilities, ignore_index, smoothing, loss_out, grad_out, hess_out, go, scale
-):
-    """``grad_hess`` of cross_entropy, in float64 per row, for class indices ``t`` or, with
-    ``probabilities``, targets ``y`` (the other one empty). With the row's coefficients ``c``
-    (target, smoothing and class weights folded in) and ``A = sum_j c_j``: loss
-    ``A lse - sum_j c_j z_j``, gradient ``A p - c``, Hessian diagonal ``A p (1 - p)``, both
-    times the row's ``grad_output`` and ``scale``. Absent ``w``, ``loss_out`` and ``go`` are
-    length 0: one compiled signature per dtype (and variant), for a path that boosting
-    calls once a round, not in an inner loop."""
-    rows, classes = z.shape
-    per_chunk = rows_per_chunk(classes)
-    chunks = (rows + per_chunk - 1) // per_chunk
-    partials = np.empty(chunks)
-    width = padded(classes)
-    off = smoothing / classes if classes else 0.0
-    weighted = w.size > 0
-    total_weight = total_class_weight(w if weighted else None, classes)
-    for c in prange(chunks):
-        buf = np.empty(BLOCK)
-        e = np.empty(width)
-        coefficients = np.empty(width)
-        scratch = np.empty(width)
-        s = 0.0
-        end = min(c * per_chunk + per_chunk, rows)
-        for lo in range(c * per_chunk, end, BLOCK):
-            hi = min(lo + BLOCK, end)
-            for i in range(lo, hi):
-                zs = z[i]
-                gs = grad_out[i]
-                hs = hess_out[i]
-                k = -1 if probabilities else t[i]
-                loss = 0.0
-                if k == ignore_index and not probabilities:
-                    gs[:] = 0.0
-                    hs[:] = 0.0
-                else:
-                    if probabilities:
-                        for j in range(classes):
-                            a = (1.0 - smoothing) * np.float64(y[i, j]) + off
-                            coefficients[j] = a * np.float64(w[j]) if weighted else a
-                            scratch[j] = coefficients[j]
-                        scratch[classes:] = 0.0
-                        big_a = tree_sum(scratch)
-                    else:
-                        for j in range(classes):
-                            coefficients[j] = off * np.float64(w[j]) if weighted else off
-                        wt = np.float64(w[k]) if weighted else 1.0
-                        coefficients[k] += (1.0 - smoothing) * wt
-                        big_a = (1.0 - smoothing) * wt + off * total_weight
-                    m = np.float64(mathfn.array_max(zs))
-                    for j in range(classes):
-                        e[j] = math.exp(np.float64(zs[j]) - m)
-                        scratch[j] = e[j]
-                    scratch[classes:] = 0.0
-                    total = tree_sum(scratch)
-                    for j in range(classes):
-                        scratch[j] = coefficients[j] * np.float64(zs[j])
-                    scratch[classes:] = 0.0
-                    loss = big_a * (m + math.log(total)) - tree_sum(scratch)
-                    g = scale * np.float64(go[i]) if go.size > 0 else scale
-                    for j in range(classes):
-                        q = e[j] / total
-                        gs[j] = (big_a * q - coefficients[j]) * g
-                        hs[j] = big_a * q * (1.0 - q) * g
-                if loss_out.size > 0:
-                    loss_out[i] = loss
-                buf[i - lo] = loss
-            buf[hi - lo :] = 0.0
-            s += tree_sum(buf)
-        partials[c] = s
-    return ordered_sum(partials)
-
-
-def cross_entropy_hessian(p, loss_out, grads, hessians, grad_output, scale):
-    """``KernelSpec.hessian`` of cross_entropy: see ``_cross_entropy_hessian``."""
-    z, t, w = p.arrays
-    probabilities = p.params["probabilities"]
-    y = t if probabilities else np.empty((0, z.shape[1]), z.dtype)
-    t = np.empty(0, np.int64) if probabilities else t
-    moved = p.params["moved"]
-    grad, hess = grads[0], hessians[0]
-    if moved is None:  # a 1-D input is one row
-        rows_grad, rows_hess = grad.reshape(z.shape), hess.reshape(z.shape)
-    else:
-        rows_grad, rows_hess = np.empty_like(z), np.empty_like(z)
-    nothing = validate.no_weight(z.dtype, "cpu")
-    total = _cross_entropy_hessian(
-        z.size,
-        z,
-        t,
-        y,
-        w,
-        probabilities,
-        p.params["ignore_index"],
-        p.params["label_smoothing"],
-        nothing if loss_out is None else loss_out.reshape(-1),
-        rows_grad,
-        rows_hess,
-        nothing if grad_output is None else grad_output.reshape(-1),
-        scale,
-    )
-    if moved is not None:  # (N, d1, ..., dk, C) back to (N, C, d1, ..., dk)
-        np.copyto(grad, np.moveaxis(rows_grad.reshape(moved), -1, 1))
-        np.copyto(hess, np.moveaxis(rows_hess.reshape(moved), -1, 1))
-    return total
 
 
 def nll_loss(p, loss_out, grads, grad_output, scale):

@@ -1,9 +1,10 @@
 """The hand-written CUDA kernels of the multi-class family, on rows of ``(R, C)``, in float64
 with deterministic per-block partials (``lossforge.runtime.cuda``): those the
-``kernels.Softmax`` template does not make (cross_entropy's value and gradient come from it).
+``kernels.Softmax`` template does not make (cross_entropy's value, gradient and Hessian
+diagonal come from it).
 
 ``nll_loss`` reads one logit per row and writes its (mostly zero) gradient by groups of
-threads (``runtime.cuda.rows_config``), coalesced. ``cross_entropy_hessian``: a thread a row.
+threads (``runtime.cuda.rows_config``), coalesced.
 
 ``check_targets`` is the device pass ``prepare`` runs for class-index targets: the "mean"
 denominator (count or summed class weights of the counted targets) and the first target
@@ -11,8 +12,6 @@ out of range, through the per-block error flags.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import cuda, float64
@@ -54,76 +53,6 @@ def check_targets(t, classes, ignore_index, w):
     if bad >= 0:
         return int(rt.element(t, bad)), 0.0
     return ignore_index, denominator
-
-
-@rt.device
-def _coefficient(y, w, row, j, k, probabilities, weighted, smoothing, off):
-    """Class ``j``'s coefficient of ``-log_softmax(z)_j`` in the row's loss."""
-    if probabilities:
-        a = (1.0 - smoothing) * float64(y[row + j]) + off
-    else:
-        a = off + (1.0 - smoothing if j == k else 0.0)
-    return a * float64(w[j]) if weighted else a
-
-
-@rt.kernel
-def _cross_entropy_hessian(
-    z,
-    t,
-    y,
-    w,
-    rows,
-    classes,
-    ignore_index,
-    smoothing,
-    loss_out,
-    grad_out,
-    hess_out,
-    go,
-    scale,
-    scratch,
-):
-    """``grad_hess`` of cross_entropy (``cpu._cross_entropy_hessian``): one thread per row, a
-    grid-stride loop; probability targets when ``y`` is not empty, else class indices."""
-    sa = cuda.shared.array(THREADS, float64)
-    sb = cuda.shared.array(THREADS, float64)
-    probabilities = y.size > 0
-    weighted = w.size > 0
-    off = smoothing / classes if classes else 0.0
-    acc = 0.0
-    for i in range(cuda.grid(1), rows, cuda.gridsize(1)):
-        row = i * classes
-        k = -1 if probabilities else t[i]
-        loss = 0.0
-        if not probabilities and k == ignore_index:
-            for j in range(classes):
-                grad_out[row + j] = 0.0
-                hess_out[row + j] = 0.0
-        else:
-            m = -math.inf
-            for j in range(classes):
-                v = float64(z[row + j])
-                m = m if m >= v else v
-            total = 0.0
-            big_a = 0.0
-            az = 0.0
-            for j in range(classes):
-                v = float64(z[row + j])
-                total += math.exp(v - m)
-                a = _coefficient(y, w, row, j, k, probabilities, weighted, smoothing, off)
-                big_a += a
-                az += a * v
-            loss = big_a * (m + rt.log(total)) - az
-            g = scale * float64(go[i]) if go.size > 0 else scale
-            for j in range(classes):
-                q = math.exp(float64(z[row + j]) - m) / total
-                a = _coefficient(y, w, row, j, k, probabilities, weighted, smoothing, off)
-                grad_out[row + j] = (big_a * q - a) * g
-                hess_out[row + j] = big_a * q * (1.0 - q) * g
-        if loss_out.size > 0:
-            loss_out[i] = loss
-        acc += loss
-    rt.write_partials(sa, sb, scratch, acc, NO_FLAG)
 
 
 @rt.kernel
@@ -192,46 +121,6 @@ def _run(p, loss_out, grads, launch):
 
 def _upstream(grads, grad_output, dtype):
     return rt.flat(grad_output, dtype) if grads else rt.nothing(dtype)
-
-
-def cross_entropy_hessian(p, loss_out, grads, hessians, grad_output, scale):
-    """``KernelSpec.hessian`` of cross_entropy: see ``_cross_entropy_hessian``."""
-    z, t, w = p.arrays
-    rows, classes = z.shape
-    if rows == 0:
-        return 0.0
-    dtype = p.dtype
-    probabilities = p.params["probabilities"]
-    moved = p.params["moved"]
-    grad, hess = grads[0], hessians[0]
-    if moved is None:
-        rows_grad, rows_hess = grad, hess
-    else:
-        rows_grad, rows_hess = rt.empty(z.shape, dtype), rt.empty(z.shape, dtype)
-    blocks = rt.blocks_for(rows)
-    scratch = rt.partials(blocks)
-    _cross_entropy_hessian[blocks, THREADS, rt.stream()](
-        rt.flat(z, dtype),
-        rt.nothing(np.int64) if probabilities else t.ravel(),
-        rt.flat(t, dtype) if probabilities else rt.nothing(dtype),
-        rt.flat(w, dtype),
-        rows,
-        classes,
-        p.params["ignore_index"],
-        p.params["label_smoothing"],
-        rt.flat(loss_out, dtype),
-        rt.flat(rows_grad, dtype),
-        rt.flat(rows_hess, dtype),
-        rt.flat(grad_output, dtype),
-        float(scale),
-        scratch,
-    )
-    if moved is not None:  # (N, d1, ..., dk, C) back to (N, C, d1, ..., dk)
-        rt.copy_into(grad, rt.moveaxis(rows_grad.reshape(moved), -1, 1))
-        rt.copy_into(hess, rt.moveaxis(rows_hess.reshape(moved), -1, 1))
-    if p.reduction in ("mean", "sum"):
-        return rt.finish(scratch)[0]
-    return 0.0
 
 
 def nll_loss(p, loss_out, grads, grad_output, scale):

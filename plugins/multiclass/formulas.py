@@ -22,6 +22,11 @@ def cross_entropy(logp, lse, p):
     return -logp, 1.0, -1.0
 
 
+def cross_entropy_hessian(logp, lse, p):
+    """Linear in ``logp`` and free of ``lse``: the Hessian diagonal is ``A p_j (1 - p_j)``."""
+    return 0.0, 0.0, 0.0
+
+
 def softmax_losses(logp, lse, p):
     """``-(1 - p_c)^gamma logp + epsilon (1 - p_c) + z_loss lse^2`` with
     ``p = (gamma, epsilon, z_loss, softcap)``: the focal term (Lin et al. 2017; cross
@@ -58,6 +63,25 @@ def softmax_losses(logp, lse, p):
     return loss, a, b
 
 
+def softmax_losses_hessian(logp, lse, p):
+    """``(f_uu, f_uv, f_vv)`` of ``softmax_losses`` in ``u = logp``, ``v = lse``: the z-loss
+    gives ``f_vv = 2 z_loss``, Poly-1 ``f_uu = -epsilon p_c`` and the focal term ``F(u) =
+    -q^gamma u`` (``q = 1 - e^u``, ``dq/du = -p_c``)
+    ``F'' = gamma p_c q^(gamma - 1) (u + 2 - (gamma - 1) p_c u / q)``. Where ``q`` or ``p_c``
+    is 0 this is taken as 0, as the gradient's term (the template multiplies it by
+    ``([j == c] - p_j)^2 <= q^2`` there, which goes to 0 faster)."""
+    gamma, epsilon, z_loss = p[0], p[1], p[2]
+    uu = 0.0
+    if gamma != 0.0:
+        prob = math.exp(logp)
+        q = -math.expm1(logp)
+        if q > 0.0 and prob > 0.0:
+            uu = gamma * prob * q ** (gamma - 1.0) * (logp + 2.0 - (gamma - 1.0) * prob * logp / q)
+    if epsilon != 0.0:
+        uu -= epsilon * math.exp(logp)
+    return uu, 0.0, 2.0 * z_loss
+
+
 def softcap(z, p):
     """Gemma 2's logit soft-capping ``cap tanh(z / cap)`` (``cap = p[3]``) and its
     derivative ``sech^2 = 1 - tanh^2``. ``tanh`` from ``mathfn.exp``, not libm's (3x
@@ -73,3 +97,9 @@ def softcap(z, p):
     # sech^2 = 4 u / (1 + u)^2 keeps its relative accuracy where tanh^2 is near 1
     slope = 1.0 - x2 if ax < 1e-3 else 4.0 * u / ((1.0 + u) * (1.0 + u))
     return p[3] * th, slope
+
+
+def softcap_hessian(z, capped, slope, p):
+    """``d^2/dz^2 cap tanh(z / cap) = -2 tanh(z / cap) sech^2(z / cap) / cap``, from
+    ``softcap``'s outputs ``capped = cap tanh`` and ``slope = sech^2``."""
+    return -2.0 * capped * slope / (p[3] * p[3])

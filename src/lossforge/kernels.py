@@ -40,10 +40,9 @@ never the formula's. Two precisions:
 then per element: the cosine losses), and :class:`Softmax` for losses on rows of logits with
 a class target (a formula of the target's log-probability and the row's log-sum-exp; class
 weights, ``ignore_index``, label smoothing and probability targets are the template's: the
-focal, Poly-1 and z-loss cross entropies). Hand-written kernels remain possible through
-``KernelSpec`` for what the templates cannot express: ``cross_entropy`` and ``nll_loss``
-keep theirs (a transposed kernel for few classes, integer-key row maxima, a gather: the
-generated kernel is within 5% of them only from about 1000 classes, docs/softmax.md).
+focal, Poly-1 and z-loss cross entropies, and ``cross_entropy``; with an optional second
+formula, their Hessian diagonals). Hand-written kernels remain possible through
+``KernelSpec`` for what the templates cannot express: ``nll_loss`` keeps its gather.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ import math
 import sys
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -609,6 +608,15 @@ class Softmax:
     transform: optional per-logit ``(z, p) -> (z', dz'/dz)`` in the logits' precision (logit
         soft-capping), applied first where the loss's ``prepare`` sets
         ``params["transform"]``; the gradient gets the chain rule per element.
+    row_hessian: optional ``(logp, lse, p) -> (f_uu, f_uv, f_vv)``, the second derivatives
+        of the row formula's loss ``f(u, v)`` in ``u = logp`` and ``v = lse`` (cross entropy:
+        zeros): with it the template derives ``Loss.grad_hess``, the Hessian diagonal
+        ``sum_c Q_c (a_c p_j (1 - p_j) + f_uu (d_jc - p_j)^2 + 2 f_uv (d_jc - p_j) p_j +
+        f_vv p_j^2)`` (``runtime.cpu.softmax_hessian``); without it ``grad_hess`` raises
+        ``NotImplementedError``.
+    transform_hessian: optional ``(z, z', dz'/dz, p) -> d^2z'/dz^2``, the transform's
+        curvature, for the chain rule of the Hessian (``h = h' s^2 + g' s'``); a loss with a
+        transform and none refuses ``grad_hess`` where the transform applies.
     params: the names of ``Prepared.params`` that make ``p``, in order.
     parallel_min: elements from which the CPU runs the parallel variant.
     constant_coefficients: the formula's ``a`` and ``b`` are constants (cross entropy's
@@ -637,18 +645,23 @@ class Softmax:
         row: Formula,
         *,
         transform: Formula | None = None,
+        row_hessian: Formula | None = None,
+        transform_hessian: Formula | None = None,
         params: tuple[str, ...] = (),
         parallel_min: int | None = None,
         constant_coefficients: bool = False,
     ):
         self.row = row
         self.transform = transform
+        self.row_hessian = row_hessian
+        self.transform_hessian = transform_hessian
         self.params = params
         self.parallel_min = parallel_min
         self.constant_coefficients = constant_coefficients
         self.__name__ = row.__name__
         self.__doc__ = row.__doc__
         self._cuda: Any = None
+        self._cuda_hessian: Any = None
 
     def __repr__(self) -> str:
         return f"<Softmax {self.row.__module__}.{self.row.__qualname__}>"
@@ -682,7 +695,8 @@ class Softmax:
                 cpu.softmax_checked,
                 _kernel_name(self.row, "softmax_checked" + suffix, self.transform),
                 {
-                    "check_targets_serial": cpu.check_class_targets.serial,
+                    # a KernelPair that replaces its function's name in cpu.py (mypy sees the def)
+                    "check_targets_serial": cast(Any, cpu.check_class_targets).serial,
                     "few_serial": few.serial,
                     "index_serial": index.serial,
                 },
@@ -690,8 +704,81 @@ class Softmax:
         )
         return few, index, probs, checked
 
+    @functools.cached_property
+    def hessian_kernel(self) -> Any:
+        """``runtime.cpu.softmax_hessian`` made from the formula and its ``row_hessian``
+        (``KernelPair``)."""
+        from lossforge.runtime import cpu
+
+        assert self.row_hessian is not None
+        curvature = self.transform_hessian
+        return cpu.KernelPair(
+            cpu.softmax_hessian,
+            **({} if self.parallel_min is None else {"parallel_min": self.parallel_min}),
+            name=_kernel_name(
+                self.row, "softmax_hessian", self.row_hessian, self.transform, curvature
+            ),
+            namespace={
+                "row": cpu.inline(self.row),
+                "row_hessian": cpu.inline(self.row_hessian),
+                "transform": (
+                    cpu.no_transform if self.transform is None else cpu.inline(self.transform)
+                ),
+                "transform_hessian": (
+                    cpu.no_transform_hessian if curvature is None else cpu.inline(curvature)
+                ),
+            },
+        )
+
     def _params(self, p: Any) -> tuple[float, ...]:
         return tuple(float(p.params[k]) for k in self.params) or (0.0,)  # no empty tuple
+
+    def _transformed(self, p: Any) -> bool:
+        """Whether the call applies the transform; for ``grad_hess``, a
+        ``NotImplementedError`` where it does and the transform's curvature is not given."""
+        transformed = bool(p.params.get("transform") and self.transform)
+        if transformed and self.transform_hessian is None:
+            raise NotImplementedError(
+                f"{self.__name__}: no Hessian through its transform "
+                f"({getattr(self.transform, '__name__', 'transform')})"
+            )
+        return transformed
+
+    def cpu_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """The ``KernelSpec.hessian`` function on the CPU (``runtime.cpu.softmax_hessian``)."""
+        transformed = self._transformed(p)
+        z, t, w = p.arrays
+        probabilities = p.params["probabilities"]
+        moved = p.params["moved"]
+        grad, hess = grads[0], hessians[0]
+        if moved is None:  # a 1-D input is one row
+            rows_grad, rows_hess = grad.reshape(z.shape), hess.reshape(z.shape)
+        else:
+            rows_grad, rows_hess = np.empty_like(z), np.empty_like(z)
+        nothing = validate.no_weight(z.dtype, "cpu")
+        total = self.hessian_kernel(
+            z.size,
+            z,
+            np.empty(0, np.int64) if probabilities else t,
+            t if probabilities else np.empty((0, z.shape[1]), z.dtype),
+            w,
+            self._params(p),
+            probabilities,
+            p.params["ignore_index"],
+            float(p.params["label_smoothing"]),
+            transformed,
+            nothing if loss_out is None else loss_out.reshape(-1),
+            rows_grad,
+            rows_hess,
+            nothing if grad_output is None else grad_output.reshape(-1),
+            scale,
+        )
+        if moved is not None:  # (N, d1, ..., dk, C) back to (N, C, d1, ..., dk)
+            np.copyto(grad, np.moveaxis(rows_grad.reshape(moved), -1, 1))
+            np.copyto(hess, np.moveaxis(rows_hess.reshape(moved), -1, 1))
+        return total
 
     def cpu(self, p: Any, loss_out: Any, grads: Any, grad_output: Any, scale: float) -> float:
         """The ``KernelSpec`` function on the CPU."""
@@ -802,21 +889,78 @@ class Softmax:
             return rt.finish(scratch)[0]
         return 0.0
 
-    def specs(
-        self,
-        loss: str,
-        defaults: dict[str, float] | None = None,
-        hessian: tuple[Any, Any] | None = None,
-    ) -> Iterator[KernelSpec]:
+    def cuda_hessian(
+        self, p: Any, loss_out: Any, grads: Any, hessians: Any, grad_output: Any, scale: float
+    ) -> float:
+        """The ``KernelSpec.hessian`` function on CUDA: a group of threads a row
+        (``runtime.cuda.softmax_hessian_kernel``)."""
+        from lossforge.runtime import cuda as rt
+
+        if self._cuda_hessian is None:
+            self._cuda_hessian = rt.softmax_hessian_kernel(
+                (self.row, self.row_hessian, self.transform, self.transform_hessian),
+                _kernel_name(
+                    self.row,
+                    "cuda_softmax_hessian",
+                    self.row_hessian,
+                    self.transform,
+                    self.transform_hessian,
+                ),
+            )
+        z, t, w = p.arrays
+        rows, classes = z.shape
+        transformed = self._transformed(p)
+        if rows == 0:
+            return 0.0
+        dtype = p.dtype
+        moved = p.params["moved"]
+        grad, hess = grads[0], hessians[0]
+        if moved is None:
+            rows_grad, rows_hess = grad, hess
+        else:
+            rows_grad, rows_hess = rt.empty(z.shape, dtype), rt.empty(z.shape, dtype)
+        probabilities = p.params["probabilities"]
+        lanes, blocks = rt.rows_config(rows, classes)
+        scratch = rt.partials(blocks)
+        self._cuda_hessian[blocks, rt.THREADS, rt.stream()](
+            rt.flat(z, dtype),
+            rt.nothing(np.dtype(np.int64)) if probabilities else t.ravel(),
+            rt.flat(t, dtype) if probabilities else rt.nothing(dtype),
+            rt.flat(w, dtype),
+            self._params(p),
+            rows,
+            classes,
+            probabilities,
+            p.params["ignore_index"],
+            float(p.params["label_smoothing"]),
+            transformed,
+            rt.flat(loss_out, dtype),
+            rt.flat(rows_grad, dtype),
+            rt.flat(rows_hess, dtype),
+            rt.flat(grad_output, dtype),
+            float(scale),
+            lanes,
+            scratch,
+        )
+        if moved is not None:  # (N, d1, ..., dk, C) back to (N, C, d1, ..., dk)
+            rt.copy_into(grad, rt.moveaxis(rows_grad.reshape(moved), -1, 1))
+            rt.copy_into(hess, rt.moveaxis(rows_hess.reshape(moved), -1, 1))
+        if p.reduction in ("mean", "sum"):
+            return rt.finish(scratch)[0]
+        return 0.0
+
+    def specs(self, loss: str, defaults: dict[str, float] | None = None) -> Iterator[KernelSpec]:
         """The CPU and CUDA ``KernelSpec`` of ``loss``, for a plugin's ``lossforge_kernels``:
         ``defaults``, the formula's parameters (by name) under the loss's default options,
-        gives the CPU kernel a fast lane; ``hessian``, hand-written (CPU, CUDA)
-        ``KernelSpec.hessian`` functions (the template derives none)."""
+        gives the CPU kernel a fast lane; with a ``row_hessian``, the ``grad_hess``
+        kernels."""
         fast = None
         if defaults is not None:
             params = tuple(float(defaults[k]) for k in self.params) or (0.0,)
             fast = functools.partial(self.fast, params=params)
-        cpu_hessian, cuda_hessian = hessian or (None, None)
+        derived = self.row_hessian is not None
+        cpu_hessian = self.cpu_hessian if derived else None
+        cuda_hessian = self.cuda_hessian if derived else None
         yield KernelSpec(loss, "cpu", self.cpu, fast=fast, hessian=cpu_hessian)
         yield KernelSpec(loss, "cuda", self.cuda, hessian=cuda_hessian)
 

@@ -15,6 +15,7 @@ gets the child killed): see the README's "Threads and forked processes".
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -37,9 +38,11 @@ from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as index_serial
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as row_hessian
 from lossforge.kernels import unspecialised as target_grad
 from lossforge.kernels import unspecialised as terms
 from lossforge.kernels import unspecialised as transform
+from lossforge.kernels import unspecialised as transform_hessian
 from lossforge.runtime import mathfn
 
 #: Elements per reduction chunk. Part of the numerical result: changing it changes the
@@ -192,6 +195,12 @@ def no_transform(z, p):
     """The ``transform`` of a softmax formula that has none: never called, typed all the
     same."""
     return z, z
+
+
+@numba.njit(inline="always", **JIT_OPTIONS)
+def no_transform_hessian(z, zt, slope, p):
+    """The ``transform_hessian`` of a softmax formula without a transform: never called."""
+    return z * 0.0
 
 
 @numba.njit(inline="always", **JIT_OPTIONS)
@@ -924,6 +933,137 @@ def softmax_probs(z, y, w, p, smoothing, long_rows, transformed, loss_out, grad_
                         for j in range(classes):
                             gs[j] *= slope[j]
                 if loss_out is not None:
+                    loss_out[i] = loss
+                buf[i - lo] = loss
+            buf[hi - lo :] = 0.0
+            s += tree_sum(buf)
+        partials[c] = s
+    return ordered_sum(partials)
+
+
+def softmax_hessian(
+    z,
+    t,
+    y,
+    w,
+    p,
+    probabilities,
+    ignore_index,
+    smoothing,
+    transformed,
+    loss_out,
+    grad_out,
+    hess_out,
+    go,
+    scale,
+):
+    """``grad_hess`` of a softmax row formula with its ``row_hessian`` (``kernels.Softmax``),
+    in float64 per row, for class indices ``t`` or, with ``probabilities``, targets ``y`` (the
+    other length 0; absent ``w``, ``loss_out`` and ``go`` are length 0 too, and the options
+    run-time values: one compiled signature per dtype, for a path that boosting calls once a
+    round, not in an inner loop).
+
+    A row's loss is ``sum_c Q_c f(u_c, v)`` with ``u_c = log p_c``, ``v = lse`` and ``Q_c =
+    q_c w_c`` (target distribution times class weight). Since ``du_c/dz_j = [j == c] - p_j``
+    and ``dv/dz_j = p_j``, each term's second derivative is ``a p_j (1 - p_j) + f_uu (d_jc -
+    p_j)^2 + 2 f_uv (d_jc - p_j) p_j + f_vv p_j^2``, ``a = f_v - f_u``; summed over ``c``:
+    ``A p_j (1 - p_j) + S p_j^2 + Q_j (f_uu_j (1 - 2 p_j) + 2 f_uv_j p_j)`` with ``A = sum_c
+    Q_c a_c`` and ``S = sum_c Q_c (f_uu - 2 f_uv + f_vv)_c``. With a per-logit transform
+    ``z' = T(z)`` (slope ``s``, curvature ``s'``) the chain rule gives ``h = h' s^2 + g' s'``
+    from the derivatives ``g'``, ``h'`` with respect to ``z'``. The formulas are called for
+    the classes the value kernels call them for (the target's alone without smoothing)."""
+    rows, classes = z.shape
+    per_chunk = rows_per_chunk(classes)
+    chunks = (rows + per_chunk - 1) // per_chunk
+    partials = np.empty(chunks)
+    width = max(padded(classes), 2)
+    off = smoothing / classes if classes else 0.0
+    keep = 1.0 - smoothing
+    weighted = w.size > 0
+    every = probabilities or off != 0.0  # every class is in the target distribution
+    for c in prange(chunks):
+        buf = np.empty(BLOCK)
+        # per class: logits (transformed), slopes, curvatures, exponentials, Q b, Q f_uu,
+        # Q f_uv; then three padded rows for the tree sums of the loss, A and S
+        per_class = np.empty((7, width))
+        zq = per_class[0]
+        slope = per_class[1]
+        curve = per_class[2]
+        e = per_class[3]
+        qb = per_class[4]
+        quu = per_class[5]
+        quv = per_class[6]
+        sums = np.zeros((3, width))
+        s = 0.0
+        end = min(c * per_chunk + per_chunk, rows)
+        for lo in range(c * per_chunk, end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            for i in range(lo, hi):
+                k = -1 if probabilities else t[i]
+                loss = 0.0
+                if not probabilities and k == ignore_index:
+                    grad_out[i, :] = 0.0
+                    hess_out[i, :] = 0.0
+                else:
+                    zs = z[i]
+                    for j in range(classes):
+                        v = np.float64(zs[j])
+                        zq[j] = v
+                        if transformed:
+                            zq[j], slope[j] = transform(v, p)
+                            curve[j] = transform_hessian(v, zq[j], slope[j], p)
+                    m = mathfn.array_max(zq[:classes])
+                    for j in range(classes):
+                        e[j] = math.exp(zq[j] - m)
+                        sums[0, j] = e[j]
+                    sums[0, classes:] = 0.0
+                    total = tree_sum(sums[0])
+                    lse = m + math.log(total)
+                    if every:
+                        for j in range(classes):
+                            if probabilities:
+                                q = keep * np.float64(y[i, j]) + off
+                            else:
+                                q = off + (keep if j == k else 0.0)
+                            if weighted:
+                                q *= np.float64(w[j])
+                            vj, aj, bj = row(zq[j] - lse, lse, p)
+                            uu, uv, vv = row_hessian(zq[j] - lse, lse, p)
+                            sums[0, j] = q * vj
+                            sums[1, j] = q * aj
+                            sums[2, j] = q * (uu - 2.0 * uv + vv)
+                            qb[j] = q * bj
+                            quu[j] = q * uu
+                            quv[j] = q * uv
+                        sums[:, classes:] = 0.0
+                        loss = tree_sum(sums[0])
+                        big_a = tree_sum(sums[1])
+                        big_s = tree_sum(sums[2])
+                    else:  # the target's call alone: a quarter off rows of 10 classes
+                        q = keep * np.float64(w[k]) if weighted else keep
+                        vj, aj, bj = row(zq[k] - lse, lse, p)
+                        uu, uv, vv = row_hessian(zq[k] - lse, lse, p)
+                        loss = q * vj
+                        big_a = q * aj
+                        big_s = q * (uu - 2.0 * uv + vv)
+                        qb[:classes] = 0.0
+                        quu[:classes] = 0.0
+                        quv[:classes] = 0.0
+                        qb[k] = q * bj
+                        quu[k] = q * uu
+                        quv[k] = q * uv
+                    g = scale * np.float64(go[i]) if go.size > 0 else scale
+                    for j in range(classes):
+                        pj = e[j] / total
+                        gj = big_a * pj + qb[j]
+                        hj = big_a * pj * (1.0 - pj) + big_s * pj * pj
+                        hj += quu[j] * (1.0 - 2.0 * pj) + 2.0 * quv[j] * pj
+                        if transformed:
+                            hj = hj * slope[j] * slope[j] + gj * curve[j]
+                            gj *= slope[j]
+                        grad_out[i, j] = gj * g
+                        hess_out[i, j] = hj * g
+                if loss_out.size > 0:
                     loss_out[i] = loss
                 buf[i - lo] = loss
             buf[hi - lo :] = 0.0

@@ -54,11 +54,13 @@ import numba
 import numpy as np
 from numba import cuda, float64
 
+from lossforge.kernels import unspecialised as curvature
 from lossforge.kernels import unspecialised as formula
 from lossforge.kernels import unspecialised as grads
 from lossforge.kernels import unspecialised as hessian
 from lossforge.kernels import unspecialised as invalid
 from lossforge.kernels import unspecialised as row
+from lossforge.kernels import unspecialised as row_hessian
 from lossforge.kernels import unspecialised as row_logit
 from lossforge.kernels import unspecialised as store
 from lossforge.kernels import unspecialised as target_grad
@@ -1043,3 +1045,135 @@ def softmax_rows_kernel(row: Any, transform: Any, name: str) -> Any:
     logit = device(clone(_softmax_logit, f"{name}_logit", {"transform": shape}))
     namespace = {"row": device_formula(row, f"{name}_row"), "row_logit": logit}
     return kernel(clone(_softmax_rows, name, namespace))
+
+
+@device
+def _no_curvature(z, zt, slope, p):
+    return 0.0
+
+
+def _softmax_hessian_rows(
+    z,
+    t,
+    y,
+    w,
+    p,
+    rows,
+    classes,
+    probabilities,
+    ignore_index,
+    smoothing,
+    transformed,
+    loss_out,
+    grad_out,
+    hess_out,
+    go,
+    scale,
+    lanes,
+    scratch,
+):
+    """``grad_hess`` of a softmax row formula with its ``row_hessian``, as
+    ``runtime.cpu.softmax_hessian`` (which gives the formulas) in float64, laid out as
+    ``_softmax_rows``: a group of ``lanes`` threads a row, its maximum, exponentials and the
+    sums of the loss, ``A`` and ``S`` by fixed trees, then its gradient and Hessian diagonal,
+    written once. The formulas are called again in the last pass instead of kept: a row may
+    be longer than any per-thread buffer."""
+    sa = cuda.shared.array(THREADS, float64)
+    sb = cuda.shared.array(THREADS, float64)
+    sc = cuda.shared.array(THREADS, float64)
+    tid = cuda.threadIdx.x
+    lane = tid % lanes
+    per_block = THREADS // lanes
+    weighted = w.size > 0
+    want_loss = loss_out.size > 0
+    upstream = go.size > 0
+    keep = 1.0 - smoothing
+    off = smoothing / classes if classes else 0.0
+    every = probabilities or off != 0.0  # every class is in the target distribution
+    acc = 0.0
+    for base in range(cuda.blockIdx.x * per_block, rows, cuda.gridDim.x * per_block):
+        i = base + tid // lanes
+        active = i < rows
+        k = t[i] if active and not probabilities else -1
+        live = active and (probabilities or k != ignore_index)
+        start = i * classes
+        m = -math.inf
+        if live:
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                m = m if m >= v else v
+        m = group_max(sa, tid, lane, lanes, m)
+        total = 0.0
+        if live:
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                total += math.exp(v - m)
+        total = group_sum(sa, tid, lane, lanes, total)
+        lse = m + log(total)
+        loss = 0.0
+        big_a = 0.0
+        big_s = 0.0
+        if live:
+            for j in range(lane, classes, lanes):
+                if every or j == k:
+                    v, d = row_logit(z, start, j, p, transformed)
+                    q = keep * float64(y[start + j]) + off if probabilities else off
+                    if j == k:
+                        q += keep
+                    if weighted:
+                        q *= float64(w[j])
+                    value, a, b = row(v - lse, lse, p)
+                    uu, uv, vv = row_hessian(v - lse, lse, p)
+                    loss += q * value
+                    big_a += q * a
+                    big_s += q * (uu - 2.0 * uv + vv)
+        loss, big_a, big_s = group_sum3(sa, sb, sc, tid, lane, lanes, loss, big_a, big_s)
+        if live:
+            g = scale * float64(go[i]) if upstream else scale
+            for j in range(lane, classes, lanes):
+                v, d = row_logit(z, start, j, p, transformed)
+                pj = math.exp(v - m) / total
+                gj = big_a * pj
+                hj = big_a * pj * (1.0 - pj) + big_s * pj * pj
+                if every or j == k:
+                    q = keep * float64(y[start + j]) + off if probabilities else off
+                    if j == k:
+                        q += keep
+                    if weighted:
+                        q *= float64(w[j])
+                    value, a, b = row(v - lse, lse, p)
+                    uu, uv, vv = row_hessian(v - lse, lse, p)
+                    gj += q * b
+                    hj += q * (uu * (1.0 - 2.0 * pj) + 2.0 * uv * pj)
+                if transformed:
+                    hj = hj * d * d + gj * curvature(float64(z[start + j]), v, d, p)
+                    gj *= d
+                grad_out[start + j] = gj * g
+                hess_out[start + j] = hj * g
+        elif active:
+            for j in range(lane, classes, lanes):
+                grad_out[start + j] = 0.0
+                hess_out[start + j] = 0.0
+        if active and lane == 0:
+            if want_loss:
+                loss_out[i] = loss
+            acc += loss
+    write_partials(sa, sb, scratch, acc, NO_FLAG)
+
+
+def softmax_hessian_kernel(formulas: Any, name: str) -> Any:
+    """The ``grad_hess`` CUDA kernel of a softmax row formula: ``formulas`` is ``(row,
+    row_hessian, transform, transform_hessian)``, the last two optional."""
+    from lossforge.kernels import clone
+
+    row_, row_hessian_, transform_, curvature_ = formulas
+    shape = _no_transform if transform_ is None else device_formula(transform_, f"{name}_tf")
+    namespace = {
+        "row": device_formula(row_, f"{name}_row"),
+        "row_hessian": device_formula(row_hessian_, f"{name}_rowh"),
+        "row_logit": device(clone(_softmax_logit, f"{name}_logit", {"transform": shape})),
+        "curvature": (
+            _no_curvature if curvature_ is None else device_formula(curvature_, f"{name}_tfh")
+        ),
+    }
+    return kernel(clone(_softmax_hessian_rows, name, namespace))
