@@ -10,6 +10,7 @@ tests/test_cuda.py`` runs the same tests on the device, and the ``gpu``-marked o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -729,6 +730,8 @@ def test_cuda_benchmark_refuses_the_simulator(capsys):
 
     assert bench_cuda.main(["--sizes", "1000"]) == 2
     assert "needs a real GPU" in capsys.readouterr().err
+    assert bench_cuda.main(["--loss", "no_such_loss"]) == 2  # a usage error, GPU or not
+    assert "unknown loss 'no_such_loss'" in capsys.readouterr().err
 
 
 def test_cuda_benchmark_cases_cover_every_cuda_loss_dtype_and_size():
@@ -818,6 +821,7 @@ def test_cuda_benchmark_host_overhead_rows():
     ]
     assert rows[1]["shape"] == [32, 8] and rows[3]["shape"] == [2, 128]
     assert all(r["torch"]["ok"] and r["torch"]["s"] > 0 for r in rows)
+    assert json.loads(json.dumps(rows)) == rows  # what --json writes
     table = bench_cuda.format_table(rows, 3350.0).splitlines()
     at = table.index("host overhead: wall time per call, a synchronization each")
     assert table[at + 1].split() == " ".join(bench_cuda.OVERHEAD_COLUMNS).split()

@@ -2,7 +2,7 @@
 the GPU beside PyTorch's CUDA forward + backward, with the achieved bandwidth beside the
 roofline, and each loss's per-call host overhead.
 
-    python -m lossforge.bench_cuda [--sizes 2**20 2**26] [--dtypes float32 float64]
+    python -m lossforge.bench_cuda [--sizes 2^20 2^26] [--dtypes float32 float64]
                                    [--loss NAME ...] [--bandwidth 3350]
 
 The cases come from each loss's ``LossSpec.example`` with every option at its default, as
@@ -299,7 +299,11 @@ def format_table(rows: Sequence[dict[str, Any]], bandwidth: float) -> str:
 def _parser() -> argparse.ArgumentParser:
     from lossforge import bench
 
-    p = argparse.ArgumentParser(prog="python -m lossforge.bench_cuda", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m lossforge.bench_cuda",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--loss", action="append", metavar="NAME", help="a loss (repeatable)")
     p.add_argument(
         "--sizes",
@@ -308,15 +312,15 @@ def _parser() -> argparse.ArgumentParser:
         type=bench._count,
         default=list(DEFAULT_SIZES),
         metavar="N",
-        help="element counts (default 2**20 2**26)",
+        help="element counts (default 2^20 2^26)",
     )
     p.add_argument("--dtypes", "--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument(
         "--overhead-size",
-        type=int,
+        type=lambda text: 0 if text.strip() == "0" else bench._count(text),
         default=OVERHEAD_SIZE,
         metavar="N",
-        help="elements of the host-overhead rows (default 2**10; 0: none)",
+        help="elements of the host-overhead rows (default 2^10; 0: none)",
     )
     p.add_argument(
         "--example",
@@ -338,6 +342,21 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:  # usage errors first, GPU or not
+        selected = cases(
+            args.loss,
+            args.sizes,
+            list(dict.fromkeys(args.dtypes)),
+            args.overhead_size,
+            dict(args.example or ()),
+            progress,
+        )
+    except ValueError as exc:
+        print(f"bench_cuda: error: {exc}", file=sys.stderr)
+        return 2
     import numba
 
     if numba.config.ENABLE_CUDASIM:
@@ -350,21 +369,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from lossforge import bench
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        selected = cases(
-            args.loss,
-            args.sizes,
-            list(dict.fromkeys(args.dtypes)),
-            args.overhead_size,
-            dict(args.example or ()),
-            progress,
-        )
-    except ValueError as exc:
-        print(f"bench_cuda: error: {exc}", file=sys.stderr)
-        return 2
     torch = None
     if not (args.no_torch or "torch" in args.skip):
         torch = bench._optional("torch")
