@@ -57,7 +57,7 @@ BANDWIDTH_COLUMNS = (
 OVERHEAD_COLUMNS = ("loss", "shape", "dtype", "lossforge us", "torch us", "torch/lossforge")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Case:
     """One row to run: a loss, an ``example`` keyword set, a size, a dtype, and whether it is
     a host-overhead row (wall time per call) or a bandwidth row (CUDA events)."""
@@ -86,6 +86,7 @@ def cases(
     from lossforge import inputs
 
     registered = lf.list_losses()
+    names = None if names is None else list(names)
     unknown = [n for n in names or () if n not in registered]
     if unknown:
         raise ValueError(f"unknown loss {unknown[0]!r}; registered: {', '.join(registered)}")
