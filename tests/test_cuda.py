@@ -10,6 +10,7 @@ tests/test_cuda.py`` runs the same tests on the device, and the ``gpu``-marked o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -720,18 +721,131 @@ def test_kernels_compile_for_the_cuda_target():
     assert " 0 failed" in done.stdout
 
 
+# -- python -m lossforge.bench_cuda -------------------------------------------------------------
+
+
 @pytest.mark.skipif(not SIMULATOR, reason="checks the refusal under the simulator")
 def test_cuda_benchmark_refuses_the_simulator(capsys):
-    from lossforge.plugins import DEFAULT_PLUGINS
-
     from lossforge import bench_cuda
 
-    assert bench_cuda.main(["--size", "1000"]) == 2
+    assert bench_cuda.main(["--sizes", "1000"]) == 2
     assert "needs a real GPU" in capsys.readouterr().err
-    builtin = {name for name, _ in DEFAULT_PLUGINS}  # not an installed plugin's
-    assert {c.name for c in bench_cuda.cases(1000, np.dtype(np.float32), 10)} == {
-        name for name in lf.list_losses() if lf.get(name).plugin in builtin
-    }
+    assert bench_cuda.main(["--loss", "no_such_loss"]) == 2  # a usage error, GPU or not
+    assert "unknown loss 'no_such_loss'" in capsys.readouterr().err
+
+
+def test_cuda_benchmark_cases_cover_every_cuda_loss_dtype_and_size():
+    from lossforge import bench_cuda
+
+    with_cuda = {n for n in lf.list_losses() if "cuda" in lf.get(n).backends}
+    selected = bench_cuda.cases()
+    assert {c.name for c in selected} == with_cuda
+    for name in with_cuda:
+        declared = [dict(v) for v in lf.get(name).spec.example_variants] or [{}]
+        timed = [
+            (c.variant, c.size, c.dtype) for c in selected if c.name == name and not c.overhead
+        ]
+        expected = [
+            (v, n, d) for d in ("float32", "float64") for v in declared for n in (2**20, 2**26)
+        ]
+        assert sorted(map(repr, timed)) == sorted(map(repr, expected))
+        overhead = [(c.variant, c.size, c.dtype) for c in selected if c.name == name and c.overhead]
+        assert overhead == [(declared[0], 1024, "float32"), (declared[0], 1024, "float64")]
+    one = bench_cuda.cases(["cross_entropy"], [100], ["float64"], 0, {"classes": 7})
+    assert one == [bench_cuda.Case("cross_entropy", 100, "float64", {"classes": 7})]
+    # An example that does not take the keyword: the case is left out, with a message.
+    messages = []
+    wrong = bench_cuda.cases(["mse_loss"], [100], ["float64"], 0, {"classes": 7})
+    assert bench_cuda.run(wrong, repeat=1, progress=messages.append) == []
+    assert "mse_loss" in messages[0] and "left out" in messages[0]
+    with pytest.raises(ValueError, match="unknown loss"):
+        bench_cuda.cases(["no_such_loss"])
+
+
+def _bench_rows(names, dtype, overhead_size):
+    """One timed call a row under the simulator, PyTorch on the CPU as the peer (its value and
+    gradients are compared with the CUDA kernels' as on a GPU)."""
+    torch = pytest.importorskip("torch")
+    from lossforge import bench_cuda
+
+    selected = [
+        c
+        for c in bench_cuda.cases(names, [48], [dtype], overhead_size)
+        if c.overhead or c.variant == (lf.get(c.name).spec.example_variants or [{}])[0]
+    ]
+    rows = bench_cuda.run(selected, repeat=1, min_time=0.0, torch=torch, torch_device="cpu")
+    assert len(rows) == len(selected)
+    return rows
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # kl_div's, as PyTorch's
+def test_cuda_benchmark_runs_every_loss_and_agrees_with_torch():
+    from lossforge import bench_cuda, inputs
+
+    torch = pytest.importorskip("torch")
+    # ctc_loss is left out: the simulator runs its 200 time steps of barriers as Python
+    # threads, ~6 s a call; the other losses take ~0.2 s.
+    names = [n for n in lf.list_losses() if "cuda" in lf.get(n).backends and n != "ctc_loss"]
+    rows = _bench_rows(names, "float64", 0)
+    assert [r["loss"] for r in rows] == names
+    for r in rows:
+        loss = lf.get(r["loss"])
+        arrays = inputs.draw(loss, 48, "float64", 0, r["variant"])
+        _, grads = loss.value_and_grad(*arrays)  # on the CPU: the gradients a pass writes
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        assert r["bytes"] == sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grads)
+        assert r["shape"] == list(arrays[0].shape) and r["lossforge_s"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["lossforge_s"] / 1e9)
+        if hasattr(torch.nn.functional, r["loss"]):
+            assert r["torch"]["ok"], r
+            assert r["torch"]["ratio"] == pytest.approx(r["torch"]["s"] / r["lossforge_s"])
+        else:
+            assert r["torch"] is None
+    table = bench_cuda.format_table(rows, 3350.0).splitlines()
+    assert table[1].split() == " ".join(bench_cuda.BANDWIDTH_COLUMNS).split()
+    assert len(table) == 2 + len(rows) and not any(" !" in line for line in table)
+    mse = next(line.split() for line in table if line.startswith("mse_loss "))
+    assert mse[:4] == ["mse_loss", "-", "6x8", "float64"] and mse[-1].endswith("x")
+    dice = next(line.split() for line in table if line.startswith("dice_loss "))
+    assert dice[-2:] == ["-", "-"]  # PyTorch has no dice_loss
+
+
+def test_cuda_benchmark_host_overhead_rows():
+    from lossforge import bench_cuda
+
+    rows = _bench_rows(["mse_loss", "cosine_similarity", "cross_entropy"], "float32", 256)
+    assert [(r["loss"], r["overhead"]) for r in rows] == [
+        (name, overhead)
+        for name in ("mse_loss", "cosine_similarity", "cross_entropy")
+        for overhead in (False, True)
+    ]
+    assert rows[1]["shape"] == [32, 8] and rows[3]["shape"] == [2, 128]
+    assert all(r["torch"]["ok"] and r["torch"]["s"] > 0 for r in rows)
+    assert json.loads(json.dumps(rows)) == rows  # what --json writes
+    table = bench_cuda.format_table(rows, 3350.0).splitlines()
+    at = table.index("host overhead: wall time per call, a synchronization each")
+    assert table[at + 1].split() == " ".join(bench_cuda.OVERHEAD_COLUMNS).split()
+    cells = [line.split() for line in table[at + 2 :]]
+    assert [c[:3] for c in cells] == [
+        ["mse_loss", "32x8", "float32"],
+        ["cosine_similarity", "2x128", "float32"],
+        ["cross_entropy", "25x10", "float32"],
+    ]
+    for c, r in zip(cells, rows[1::2]):
+        assert float(c[3]) == pytest.approx(r["lossforge_s"] * 1e6, abs=0.1)
+        assert c[5] == f"{r['torch']['s'] / r['lossforge_s']:.1f}x"
+
+
+@needs_gpu
+def test_cuda_benchmark_on_a_gpu(capsys):
+    from lossforge import bench_cuda
+
+    argv = ["--loss", "mse_loss", "--loss", "cross_entropy", "--sizes", "4096"]
+    assert bench_cuda.main([*argv, "--overhead-size", "1024", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert " ".join(bench_cuda.BANDWIDTH_COLUMNS) in " ".join(out.split())
+    assert " ".join(bench_cuda.OVERHEAD_COLUMNS) in " ".join(out.split())
+    assert " !" not in out
 
 
 # -- a real GPU: PyTorch and CuPy arrays -------------------------------------------------------

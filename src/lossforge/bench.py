@@ -548,18 +548,22 @@ def _torch_impl(
     arrays: tuple[np.ndarray, ...],
     progress: Callable[[str], None],
     fn: Callable[..., Any] | None = None,
+    device: str = "cpu",
 ) -> Callable[[], tuple[Any, tuple[Any, ...]]] | None:
     """``torch.nn.functional.<name>`` (or ``fn``) forward + ``torch.autograd.grad`` on the
-    same arrays (default options), as a callable returning ``(value, gradients)``; ``None``
-    when PyTorch has no such function or cannot run it on these arrays (said through
-    ``progress``)."""
+    same arrays (default options) as tensors on ``device``, as a callable returning
+    ``(value, gradients)``; ``None`` when PyTorch has no such function or cannot run it on
+    these arrays (said through ``progress``)."""
     import torch.nn.functional as F
 
     if fn is None:
         fn = getattr(F, loss.name, None)
     if fn is None:
         return None
-    tensors = [torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a) for a in arrays]
+    tensors = [
+        torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a).to(device)
+        for a in arrays
+    ]
     leaves = []
     for k in inputs.positions(loss):
         tensors[k] = tensors[k].detach().requires_grad_(True)
