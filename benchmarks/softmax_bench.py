@@ -1,7 +1,8 @@
 """The softmax losses of ``lossforge.kernels.Softmax`` beside the same losses written in
 PyTorch (forward + autograd backward, as training code writes them; PyTorch has no
 functional form of them), and beside ``cross_entropy`` (the same template, the plain
-formula), on float32 logits of 10^6 elements at a few class counts. One thread each by default (``--threads``).
+formula), on float32 logits of 10^6 elements at a few class counts. One thread each by
+default (``--threads``).
 
     python benchmarks/softmax_bench.py [--threads 1] [--classes 10 100 1000 32000]
 """
