@@ -797,10 +797,11 @@ class Softmax:
             w if w.size else None,
             self._params(p),
         )
+        nothing = validate.no_weight(z.dtype, "cpu")  # empty: an absent output or grad_output
         outputs = (
-            None if loss_out is None else loss_out.reshape(-1),
-            rows_grad,
-            None if grad_output is None else grad_output.reshape(-1),
+            nothing if loss_out is None else loss_out.reshape(-1),
+            np.empty((0, 0), z.dtype) if rows_grad is None else rows_grad,
+            nothing if grad_output is None else grad_output.reshape(-1),
             scale,
         )
         # a type to Numba (True or None): compiled out when there is no transform

@@ -517,12 +517,15 @@ def rowwise(x1, x2, t, p, loss_out, g1_out, g2_out, go, scale):
 
 # -- softmax losses (``lossforge.kernels.Softmax``) -------------------------------------
 # Three kernels, chosen by the shape of the work: class-index rows of few classes (transposed,
-# vectorized across rows), longer class-index rows, probability targets. The absent arrays,
-# the class weights, ``smoothing`` (index rows), ``long_rows`` and ``transformed`` (the
-# per-logit transform) are ``None`` or not: Numba compiles each case without the others'
-# code. With those as run-time flags in one kernel, cross entropy ran 18 ms instead of 3 on
-# 10^5 rows of 10 classes (one thread) and 20% slower on rows of 100 (the transform's flag
-# alone); the hand-written kernels measured the smoothing code alone at 15-20% there.
+# vectorized across rows), longer class-index rows, probability targets. The class weights,
+# ``smoothing`` (index rows), ``long_rows`` and ``transformed`` (the per-logit transform)
+# are ``None`` or not: Numba compiles each case without the others' code. With those as
+# run-time flags in one kernel, cross entropy ran 18 ms instead of 3 on 10^5 rows of 10
+# classes (one thread) and 20% slower on rows of 100 (the transform's flag alone); the
+# hand-written kernels measured the smoothing code alone at 15-20% there. The outputs
+# (``loss_out``, ``grad_out`` (0, 0)) and ``go`` are empty when absent, tested once a row or
+# a block: as types too they multiplied the compiled variants (126 for the four softmax
+# losses' tests, CI's suite several minutes longer).
 
 #: Rows of up to this many classes sum their exponentials through a widened copy and
 #: ``tree_sum``, longer ones through ``widened_sum`` (the tree's first level fused into the
@@ -647,6 +650,9 @@ def softmax_index(
     per_chunk = rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.shape[0] > 0
+    upstream = go.size > 0
     width = padded(classes)
     off = 0.0 if smoothing is None else smoothing / classes
     keep = 1.0 if smoothing is None else 1.0 - smoothing
@@ -668,7 +674,7 @@ def softmax_index(
                 k = t[i]
                 if k == ignore_index:
                     loss = 0.0
-                    if grad_out is not None:
+                    if want_grad:
                         grad_out[i, :] = 0.0
                 else:
                     zs = z[i]
@@ -683,7 +689,7 @@ def softmax_index(
                     value, a, b = row(np.float64(zs[k]) - lse, lse, p)
                     loss = hit * value
                     big_a = hit * a
-                    g = scale if go is None else scale * np.float64(go[i])
+                    g = scale * np.float64(go[i]) if upstream else scale
                     if smoothing is not None:  # sums by trees, which vectorize
                         mass = off * total_weight
                         if constant_coefficients:  # affine in logp: summed from sum w z
@@ -704,7 +710,7 @@ def softmax_index(
                             coefficients[classes:] = 0.0
                             loss += tree_sum(scratch)
                             big_a += tree_sum(coefficients)
-                    if grad_out is not None:
+                    if want_grad:
                         gs = grad_out[i]
                         # in the logits' dtype, like e: keeps float32 rows 16 lanes wide
                         scaled_a = mathfn.like(z, big_a * g / total)
@@ -726,7 +732,7 @@ def softmax_index(
                         if transformed is not None:
                             for j in range(classes):
                                 gs[j] *= slope[j]
-                if loss_out is not None:
+                if want_loss:
                     loss_out[i] = loss
                 buf[i - lo] = loss
             buf[hi - lo :] = 0.0
@@ -744,6 +750,9 @@ def softmax_few(z, t, w, p, ignore_index, smoothing, transformed, loss_out, grad
     per_chunk = rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.shape[0] > 0
+    upstream = go.size > 0
     off = smoothing / classes if classes else 0.0
     keep = 1.0 - smoothing
     mass = off * total_class_weight(w, classes)
@@ -802,8 +811,11 @@ def softmax_few(z, t, w, p, ignore_index, smoothing, transformed, loss_out, grad
             for r in range(nb):  # vectorizes: the log and reciprocal of every row at once
                 lse[r] = np.float64(m[r]) + mathfn.log(sums[r])
                 sums[r] = 1.0 / sums[r]
-                i = r0 + r
-                gs[r] = scale if go is None else scale * np.float64(go[i])
+            if upstream:
+                for r in range(nb):
+                    gs[r] = scale * np.float64(go[r0 + r])
+            else:
+                gs[:nb] = scale
             smooth_loss[:nb] = 0.0
             if off != 0.0:  # the smoothing mass on every class: a formula call a logit
                 smooth_a[:nb] = 0.0
@@ -841,10 +853,10 @@ def softmax_few(z, t, w, p, ignore_index, smoothing, transformed, loss_out, grad
                         big_a += smooth_a[r]
                     row_a[r] = big_a * gs[r] * sums[r]
                     gs[r] = hit * b * gs[r]  # now the target's own gradient term
-                if loss_out is not None:
+                if want_loss:
                     loss_out[i] = loss
                 losses[i - first] = loss
-            if grad_out is not None:
+            if want_grad:
                 for j in range(classes):
                     ecol = et[j]
                     gcol = zt[j]
@@ -890,6 +902,9 @@ def softmax_probs(z, y, w, p, smoothing, long_rows, transformed, loss_out, grad_
     per_chunk = rows_per_chunk(classes)
     chunks = (rows + per_chunk - 1) // per_chunk
     partials = np.empty(chunks)
+    want_loss = loss_out.size > 0
+    want_grad = grad_out.shape[0] > 0
+    upstream = go.size > 0
     width = padded(classes)
     off = smoothing / classes if classes else 0.0
     keep = 1.0 - smoothing
@@ -924,15 +939,15 @@ def softmax_probs(z, y, w, p, smoothing, long_rows, transformed, loss_out, grad_
                 coefficients[classes:] = 0.0
                 loss = tree_sum(scratch)
                 big_a = tree_sum(coefficients) / total
-                if grad_out is not None:
-                    g = scale if go is None else scale * np.float64(go[i])
+                if want_grad:
+                    g = scale * np.float64(go[i]) if upstream else scale
                     gs = grad_out[i]
                     for j in range(classes):
                         gs[j] = (big_a * e[j] + shifts[j]) * g
                     if transformed is not None:
                         for j in range(classes):
                             gs[j] *= slope[j]
-                if loss_out is not None:
+                if want_loss:
                     loss_out[i] = loss
                 buf[i - lo] = loss
             buf[hi - lo :] = 0.0
@@ -1082,10 +1097,15 @@ def softmax_checked(x, t, out, p):
     if bad or denominator == 0.0:
         return 0.0, 0.0
     scale = 1.0 / denominator
+    nothing = np.empty(0, x.dtype)  # no per-row losses, no grad_output
     if x.shape[1] <= FEW_CLASSES:
-        total = few_serial(x, t, None, p, IGNORE_INDEX, 0.0, None, None, out, None, scale)
+        total = few_serial(x, t, None, p, IGNORE_INDEX, 0.0, None, nothing, out, nothing, scale)
     elif x.shape[1] <= SHORT_ROW_CLASSES:  # long_rows_for(classes), as a type in each branch
-        total = index_serial(x, t, None, p, IGNORE_INDEX, None, None, None, None, out, None, scale)
+        total = index_serial(
+            x, t, None, p, IGNORE_INDEX, None, None, None, nothing, out, nothing, scale
+        )
     else:
-        total = index_serial(x, t, None, p, IGNORE_INDEX, None, True, None, None, out, None, scale)
+        total = index_serial(
+            x, t, None, p, IGNORE_INDEX, None, True, None, nothing, out, nothing, scale
+        )
     return total, denominator
