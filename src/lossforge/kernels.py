@@ -635,7 +635,7 @@ class Softmax:
     The CPU kernels (``runtime.cpu``): ``softmax_few`` for class indices with at most
     ``FEW_CLASSES`` classes (rows transposed in blocks, every loop along rows),
     ``softmax_index`` for longer rows, ``softmax_probs`` for probability targets; each case
-    (weights, smoothing, long rows, absent outputs) compiles without the others' code. A
+    (weights, smoothing, long rows, the transform) compiles without the others' code. A
     small call with the default options takes the fast lane when ``specs`` is given the
     default parameters.
     """
