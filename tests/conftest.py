@@ -24,14 +24,3 @@ def pytest_configure(config):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-#: The files that compile the most, collected first. A file runs whole on one worker
-#: (``--dist loadfile``) and files go out in collection order: in name order the triplet and
-#: adapter files came last, one worker finishing them alone (CI's cold suite spent 6 of its
-#: 15 minutes going from 91% to 100%).
-FIRST = ("test_triplet.py", "test_torch_adapter.py", "test_cuda.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest in order
