@@ -14,6 +14,7 @@ from lossforge.plugins import DEFAULT_PLUGINS
 import lossforge as lf
 from lossforge import KernelSpec, LossSpec, hookimpl, testing
 from lossforge.registry import Registry
+from lossforge.runtime import mathfn
 from lossforge.runtime.cpu import threads
 from lossforge.testing import CHECKS, OPTION_CHECKS, check_loss, parametrize_losses
 
@@ -225,3 +226,45 @@ def test_kit_catches_a_wrong_hessian_and_a_bound_that_is_not_one():
 
 def test_kit_skips_the_hessian_of_a_loss_without_one():
     assert "hessian" not in check_loss("hinge_embedding_loss", checks=["hessian"])
+
+
+# -- a formula's helpers -------------------------------------------------------------------
+def _magnitude(d):  # a helper's helper
+    return d if d >= 0 else -d
+
+
+def _tanh_terms(d):  # |d| and exp(-2 |d|), shared by the formula and its Hessian
+    m = _magnitude(d)
+    return m, mathfn.exp(-2.0 * m)
+
+
+def _log_cosh(x, y, a, p):
+    m, e = _tanh_terms(x - y)
+    t = (1.0 - e) / (1.0 + e)  # tanh(|d|)
+    return m + mathfn.log1p(e) - LN2, t if x >= y else -t
+
+
+def _log_cosh_hessian(x, y, a, p):
+    _, e = _tanh_terms(x - y)
+    t = (1.0 - e) / (1.0 + e)
+    return 1.0 - t * t
+
+
+LN2 = 0.6931471805599453
+
+
+class LogCoshFromHelpers:
+    """log_cosh_loss's kernels from a formula that calls helpers of its module."""
+
+    @hookimpl(tryfirst=True)
+    def lossforge_kernels(self):
+        from lossforge.kernels import Elementwise
+
+        yield from Elementwise(_log_cosh, hessian=_log_cosh_hessian).specs("log_cosh_loss")
+
+
+def test_a_formula_calls_the_helpers_of_its_module_on_the_cpu_and_the_gpu():
+    loss = registry_with(LogCoshFromHelpers()).get("log_cosh_loss")
+    assert loss.suppliers == {"cpu": "logcoshfromhelpers", "cuda": "logcoshfromhelpers"}
+    checks = ["reference", "gradient", "hessian", "cuda"]
+    assert check_loss(loss, checks=checks, option_sets=()) == checks

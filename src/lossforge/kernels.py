@@ -18,7 +18,9 @@ A formula is a plain function of one element::
   functions of ``lossforge.runtime.mathfn`` (``exp``, ``log``, ``log1p``,
   ``exp_nonpositive``, ``log_native``, ``log1p_unit_native``, ``like``) called through that
   module: on the GPU the template gives the formula CUDA versions of them. Selects, not
-  ``if`` statements, so that the CPU loop vectorizes.
+  ``if`` statements, so that the CPU loop vectorizes. A formula may call plain functions of
+  its own module written the same way (``helpers``), e.g. terms it shares with its Hessian:
+  they are compiled with it, inlined on the CPU and device functions on the GPU.
 
 :class:`Elementwise` makes, from a formula, the CPU kernel (fixed chunks of
 ``runtime.cpu.CHUNK`` elements and float64 sums added in a fixed order, so results are the
@@ -1026,6 +1028,21 @@ def unspecialised(*args: Any) -> Any:
     ``terms``, ``row``, ``grads``, ``store``) stand for until ``clone`` gives them a loss's
     functions."""
     raise NotImplementedError("a template body runs only as a formula's kernel")
+
+
+def helpers(fn: Callable) -> dict[str, Callable]:
+    """The helpers ``fn`` calls: the plain functions of its own module that it names. A
+    formula may share terms with its Hessian through one, written as formulas are; the
+    templates compile it with the formula (``runtime.cpu.inline``,
+    ``runtime.cuda.device_formula``), and the kernel's name digests the module's source."""
+    glob = fn.__globals__
+    return {
+        name: glob[name]
+        for name in fn.__code__.co_names
+        if isinstance(glob.get(name), types.FunctionType)
+        and glob[name].__module__ == fn.__module__
+        and glob[name].__code__ is not fn.__code__
+    }
 
 
 def clone(fn: Callable, name: str, namespace: dict[str, Any] | None = None) -> Callable:

@@ -66,6 +66,18 @@ def test_hessian_is_torch_autograds(alpha, gamma):
     np.testing.assert_allclose(hess, full.diagonal().numpy(), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_where_p_t_rounds_to_1_the_derivatives_are_0(gamma):
+    x, y = np.array([40.0, -800.0]), np.array([1.0, 0.0])  # sigmoid(x) rounds to y
+    value, grad = lf.sigmoid_focal_loss.value_and_grad(x, y, gamma=gamma)
+    _, hess = lf.sigmoid_focal_loss.grad_hess(x, y, gamma=gamma)
+    assert not value.any() and not grad.any() and not hess.any()
+    xt = torch.from_numpy(x).requires_grad_(True)
+    torch_loss = torchvision_sigmoid_focal_loss(xt, torch.from_numpy(y), gamma=gamma)
+    (torch_grad,) = torch.autograd.grad(torch_loss.sum(), xt)
+    assert np.isnan(torch_grad.numpy()).all() == (gamma < 1)  # the limit, where torch has nan
+
+
 def test_defaults_are_torchvisions():
     loss = lf.get("sigmoid_focal_loss")
     assert dict(loss.options) == {"alpha": 0.25, "gamma": 2.0, "reduction": "none"}

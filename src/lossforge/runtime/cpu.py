@@ -29,7 +29,7 @@ from numba.core import types as nb_types
 from numba.extending import intrinsic
 
 from lossforge import validate
-from lossforge.kernels import clone
+from lossforge.kernels import clone, helpers
 from lossforge.kernels import unspecialised as check_targets_serial
 from lossforge.kernels import unspecialised as few_serial
 from lossforge.kernels import unspecialised as formula
@@ -89,7 +89,10 @@ def inline(fn: Callable) -> Any:
     loop body stops LLVM from vectorizing the loop. Numba copies the helper's IR, and that of
     the helpers it inlines, at every call site: compile time grows with the copies (the
     regression kernel went from 1.0 to 4.6 s a variant with eight copies of an element
-    function holding all four losses), so check it after adding a call site."""
+    function holding all four losses), so check it after adding a call site. The helpers
+    ``fn`` calls (``kernels.helpers``) are inlined too."""
+    inlined = {name: inline(h) for name, h in helpers(fn).items()}
+    fn = clone(fn, fn.__name__, inlined) if inlined else fn
     return numba.njit(inline="always", **JIT_OPTIONS)(fn)
 
 

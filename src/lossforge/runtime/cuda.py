@@ -679,11 +679,12 @@ MATHFN.__dict__.update(
 
 def device_formula(formula: Any, name: str) -> Any:
     """A formula as a device function: its globals that name ``runtime.mathfn`` or one of
-    its functions are given the CUDA versions (``MATHFN``)."""
-    from lossforge.kernels import clone
+    its functions are given the CUDA versions (``MATHFN``), its helpers
+    (``kernels.helpers``) are device functions too."""
+    from lossforge.kernels import clone, helpers
     from lossforge.runtime import mathfn
 
-    namespace: dict[str, Any] = {}
+    namespace = {key: device_formula(h, f"{name}_{key}") for key, h in helpers(formula).items()}
     for key, value in formula.__globals__.items():
         if value is mathfn:
             namespace[key] = MATHFN
