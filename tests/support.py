@@ -151,3 +151,53 @@ def torch_samples(op: str, n_arrays: int = 2):
             arrays = [_to_numpy(v, np_dtype) for v in values[:n_arrays]]
             options = {k: _to_numpy(v, np_dtype) for k, v in options.items()}
             yield arrays, options
+
+
+# -- softmax losses' cases (tests/test_multiclass_hessian.py, tests/test_softmax_hessian.py) --
+def class_indices(rng, shape, ignored=True):
+    """Logits of ``shape`` (classes along dimension 1) and class indices, one ignored."""
+    x = rng.normal(scale=2.0, size=shape)
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    t = rng.integers(0, classes, (shape[0], *shape[2:]) if len(shape) > 1 else ())
+    if ignored and t.size > 2:
+        t.reshape(-1)[1] = -100
+    return x, t
+
+
+def class_probabilities(rng, shape):
+    """Logits of ``shape`` and target distributions along dimension 1."""
+    x = rng.normal(scale=2.0, size=shape)
+    p = rng.random(shape)
+    return x, p / p.sum(axis=1 if len(shape) > 1 else 0, keepdims=True)
+
+
+#: (arrays, options) makers: every option, both kinds of target, every layout of the input
+SOFTMAX_CASES = {
+    "index": (lambda r: class_indices(r, (5, 4)), {}),
+    "weight": (lambda r: class_indices(r, (5, 4)), {"weight": True}),
+    "ignore_index": (lambda r: class_indices(r, (6, 3), ignored=False), {"ignore_index": 2}),
+    "smoothing": (lambda r: class_indices(r, (5, 4)), {"label_smoothing": 0.3, "weight": True}),
+    "one_row": (lambda r: class_indices(r, (4,)), {"label_smoothing": 0.1}),
+    "k_dims": (lambda r: class_indices(r, (2, 3, 2, 2)), {"weight": True, "label_smoothing": 0.2}),
+    "many_classes": (lambda r: class_indices(r, (3, 40)), {"weight": True}),  # rows > 32 lanes
+    "probabilities": (lambda r: class_probabilities(r, (5, 4)), {}),
+    "probabilities_options": (
+        lambda r: class_probabilities(r, (4, 5)),
+        {"weight": True, "label_smoothing": 0.25},
+    ),
+    "probabilities_k_dims": (lambda r: class_probabilities(r, (2, 3, 2)), {"weight": True}),
+}
+
+
+def softmax_case(name, seed=0, dtype=np.float64):
+    """``SOFTMAX_CASES[name]`` drawn: ``(logits, target, options, rng)``, a ``"weight"`` of
+    True made a class weight array."""
+    make, options = SOFTMAX_CASES[name]
+    rng = np.random.default_rng(seed)
+    x, t = make(rng)
+    classes = x.shape[1] if x.ndim > 1 else x.shape[0]
+    options = dict(options)
+    if options.get("weight"):
+        options["weight"] = (rng.random(classes) + 0.5).astype(dtype)
+    t = t.astype(dtype) if t.dtype.kind == "f" else t
+    return x.astype(dtype), t, options, rng

@@ -8,7 +8,15 @@ import numba
 import numpy as np
 import pytest
 from numba import cuda
-from support import assert_unchanged, needs_torch, snapshot
+from support import (
+    SOFTMAX_CASES,
+    assert_unchanged,
+    class_indices,
+    class_probabilities,
+    needs_torch,
+    snapshot,
+    softmax_case,
+)
 
 # the simulator's fixes and speed-up, applied to this module too (see tests/test_cuda.py)
 from test_cuda import _faithful_simulator, _fast_simulator, dev, host  # noqa: F401
@@ -23,52 +31,6 @@ except ImportError:
     torch = F = None
 
 CE = lf.cross_entropy
-
-
-def _index(rng, shape, ignored=True):
-    """Logits of ``shape`` (classes along dimension 1) and class indices, one ignored."""
-    x = rng.normal(scale=2.0, size=shape)
-    classes = shape[1] if len(shape) > 1 else shape[0]
-    t = rng.integers(0, classes, (shape[0], *shape[2:]) if len(shape) > 1 else ())
-    if ignored and t.size > 2:
-        t.reshape(-1)[1] = -100
-    return x, t
-
-
-def _probabilities(rng, shape):
-    x = rng.normal(scale=2.0, size=shape)
-    p = rng.random(shape)
-    return x, p / p.sum(axis=1 if len(shape) > 1 else 0, keepdims=True)
-
-
-# (arrays, options) makers: every option, both kinds of target, every layout of the input
-CASES = {
-    "index": (lambda r: _index(r, (5, 4)), {}),
-    "weight": (lambda r: _index(r, (5, 4)), {"weight": True}),
-    "ignore_index": (lambda r: _index(r, (6, 3), ignored=False), {"ignore_index": 2}),
-    "smoothing": (lambda r: _index(r, (5, 4)), {"label_smoothing": 0.3, "weight": True}),
-    "one_row": (lambda r: _index(r, (4,)), {"label_smoothing": 0.1}),
-    "k_dims": (lambda r: _index(r, (2, 3, 2, 2)), {"weight": True, "label_smoothing": 0.2}),
-    "many_classes": (lambda r: _index(r, (3, 40)), {"weight": True}),
-    "probabilities": (lambda r: _probabilities(r, (5, 4)), {}),
-    "probabilities_options": (
-        lambda r: _probabilities(r, (4, 5)),
-        {"weight": True, "label_smoothing": 0.25},
-    ),
-    "probabilities_k_dims": (lambda r: _probabilities(r, (2, 3, 2)), {"weight": True}),
-}
-
-
-def build(name, seed=0, dtype=np.float64):
-    make, options = CASES[name]
-    rng = np.random.default_rng(seed)
-    x, t = make(rng)
-    classes = x.shape[1] if x.ndim > 1 else x.shape[0]
-    options = dict(options)
-    if options.get("weight"):
-        options["weight"] = (rng.random(classes) + 0.5).astype(dtype)
-    t = t.astype(dtype) if t.dtype.kind == "f" else t
-    return x.astype(dtype), t, options, rng
 
 
 def upstream(rng, x, t, reduction):
@@ -95,9 +57,9 @@ def torch_hessian_diagonal(x, t, grad_output, reduction, options):
 
 @needs_torch
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", SOFTMAX_CASES)
 def test_hessian_diagonal_is_torchs(name, reduction):
-    x, t, options, rng = build(name)
+    x, t, options, rng = softmax_case(name)
     go = upstream(rng, x, t, reduction)
     before = snapshot(x, t, *options.values())
     grad, hess = CE.grad_hess(x, t, grad_output=go, reduction=reduction, **options)
@@ -115,7 +77,7 @@ def test_hessian_diagonal_is_torchs(name, reduction):
 # (the same kernels as the next test's float64 "mean" cases: nothing more to compile)
 @pytest.mark.parametrize("name", ["smoothing", "k_dims", "probabilities_options"])
 def test_hessian_diagonal_is_the_derivative_of_grad(name):
-    x, t, options, _ = build(name, seed=1)
+    x, t, options, _ = softmax_case(name, seed=1)
     _, hess = CE.grad_hess(x, t, **options)
     expected = np.empty(x.size)
     eps = 1e-5
@@ -143,7 +105,7 @@ VALUE_CASES = [
 
 @pytest.mark.parametrize(("name", "reduction", "dtype"), VALUE_CASES)
 def test_value_and_grad_are_value_and_grads(name, reduction, dtype):
-    x, t, options, rng = build(name, seed=2, dtype=dtype)
+    x, t, options, rng = softmax_case(name, seed=2, dtype=dtype)
     go = upstream(rng, x, t, reduction)
     if reduction == "none":
         go = go.astype(dtype)
@@ -159,7 +121,7 @@ def test_value_and_grad_are_value_and_grads(name, reduction, dtype):
 
 
 def test_out_and_float16():
-    x, t, options, _ = build("weight")
+    x, t, options, _ = softmax_case("weight")
     g, h = np.empty_like(x), np.empty_like(x)
     grad, hess = CE.grad_hess(x, t, out=(g, h), **options)
     assert grad is g and hess is h
@@ -190,7 +152,7 @@ def test_nll_loss_has_no_hessian():
 def test_bitwise_identical_for_any_thread_count(probabilities):
     # 2 * 10^5 logits: over the parallel threshold, several chunks of rows
     rng = np.random.default_rng(4)
-    x, t = _probabilities(rng, (40000, 5)) if probabilities else _index(rng, (40000, 5))
+    x, t = class_probabilities(rng, (40000, 5)) if probabilities else class_indices(rng, (40000, 5))
     options = {"weight": rng.random(5) + 0.5, "label_smoothing": 0.1}
     results = []
     for n in (1, numba.config.NUMBA_NUM_THREADS):
@@ -213,7 +175,7 @@ needs_cuda = pytest.mark.skipif(
     "name", ["weight", "ignore_index", "smoothing", "one_row", "k_dims", "probabilities_options"]
 )
 def test_cuda_is_the_cpu(name, reduction):
-    x, t, options, rng = build(name, seed=5)
+    x, t, options, rng = softmax_case(name, seed=5)
     go = upstream(rng, x, t, reduction)
     on_device = {k: dev(v) for k, v in options.items()}
     dgo = dev(go) if reduction == "none" else go
@@ -227,7 +189,7 @@ def test_cuda_is_the_cpu(name, reduction):
 
 @needs_cuda
 def test_cuda_float32_and_out():
-    x, t, options, _ = build("smoothing", seed=6, dtype=np.float32)
+    x, t, options, _ = softmax_case("smoothing", seed=6, dtype=np.float32)
     g, h = cuda.device_array(x.shape, np.float32), cuda.device_array(x.shape, np.float32)
     on_device = {k: dev(v) for k, v in options.items()}
     results = CE.grad_hess(dev(x), dev(t), out=(g, h), **on_device)

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 from numba import cuda
-from support import needs_torch
+from support import SOFTMAX_CASES, class_indices, class_probabilities, needs_torch, softmax_case
 
 # the simulator's fixes and speed-up, applied to this module too (see tests/test_cuda.py)
 from test_cuda import _faithful_simulator, _fast_simulator, dev, host  # noqa: F401
@@ -35,51 +35,6 @@ LOSSES = {
     "z_loss": ("softmax_cross_entropy", {"z_loss": 0.05}),
     "softcap": ("softmax_cross_entropy", {"z_loss": 0.05, "softcap": 2.5}),
 }
-
-
-def _index(rng, shape, ignored=True):
-    x = rng.normal(scale=2.0, size=shape)
-    classes = shape[1] if len(shape) > 1 else shape[0]
-    t = rng.integers(0, classes, (shape[0], *shape[2:]) if len(shape) > 1 else ())
-    if ignored and t.size > 2:
-        t.reshape(-1)[1] = -100
-    return x, t
-
-
-def _probabilities(rng, shape):
-    x = rng.normal(scale=2.0, size=shape)
-    p = rng.random(shape)
-    return x, p / p.sum(axis=1 if len(shape) > 1 else 0, keepdims=True)
-
-
-#: (arrays, options) makers: every option, both kinds of target, every layout of the input
-CASES = {
-    "index": (lambda r: _index(r, (5, 4)), {}),
-    "weight": (lambda r: _index(r, (5, 4)), {"weight": True}),
-    "ignore_index": (lambda r: _index(r, (6, 3), ignored=False), {"ignore_index": 2}),
-    "smoothing": (lambda r: _index(r, (5, 4)), {"label_smoothing": 0.3, "weight": True}),
-    "one_row": (lambda r: _index(r, (4,)), {"label_smoothing": 0.1}),
-    "k_dims": (lambda r: _index(r, (2, 3, 2, 2)), {"weight": True, "label_smoothing": 0.2}),
-    "many_classes": (lambda r: _index(r, (2, 40)), {"weight": True}),
-    "probabilities": (lambda r: _probabilities(r, (5, 4)), {}),
-    "probabilities_options": (
-        lambda r: _probabilities(r, (4, 5)),
-        {"weight": True, "label_smoothing": 0.25},
-    ),
-    "probabilities_k_dims": (lambda r: _probabilities(r, (2, 3, 2)), {"weight": True}),
-}
-
-
-def build(case, seed=0, dtype=np.float64):
-    make, options = CASES[case]
-    rng = np.random.default_rng(seed)
-    x, t = make(rng)
-    classes = x.shape[1] if x.ndim > 1 else x.shape[0]
-    options = dict(options)
-    if options.get("weight"):
-        options["weight"] = (rng.random(classes) + 0.5).astype(dtype)
-    t = t.astype(dtype) if t.dtype.kind == "f" else t
-    return x.astype(dtype), t, options, rng
 
 
 def upstream(rng, x, reduction):
@@ -139,11 +94,11 @@ def torch_grad_hess(name, x, t, grad_output, reduction, options):
 
 @needs_torch
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SOFTMAX_CASES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_hessian_diagonal_is_torchs(loss, case, reduction):
     name, params = LOSSES[loss]
-    x, t, options, rng = build(case)
+    x, t, options, rng = softmax_case(case)
     options = dict(options, **params)
     go = upstream(rng, x, reduction)
     grad, hess = lf.get(name).grad_hess(x, t, grad_output=go, reduction=reduction, **options)
@@ -156,7 +111,7 @@ def test_hessian_diagonal_is_torchs(loss, case, reduction):
 @pytest.mark.parametrize("case", ["smoothing", "k_dims", "probabilities_options"])
 def test_hessian_diagonal_is_the_derivative_of_grad(loss, case):
     name, params = LOSSES[loss]
-    x, t, options, _ = build(case, seed=1)
+    x, t, options, _ = softmax_case(case, seed=1)
     options = dict(options, **params)
     value, grad, hess = lf.get(name).value_grad_hess(x, t, **options)
     expected_value, expected_grad = lf.get(name).value_and_grad(x, t, **options)
@@ -184,7 +139,7 @@ def test_focal_at_a_certain_class():
 
 
 def test_float32_and_out():
-    x, t, options, _ = build("smoothing", dtype=np.float32)
+    x, t, options, _ = softmax_case("smoothing", dtype=np.float32)
     g, h = np.empty_like(x), np.empty_like(x)
     grad, hess = lf.softmax_focal_loss.grad_hess(x, t, out=(g, h), **options)
     assert grad is g and hess is h and h.dtype == np.float32
@@ -199,7 +154,7 @@ def test_bitwise_identical_for_any_thread_count(probabilities):
     from lossforge.runtime.cpu import threads
 
     rng = np.random.default_rng(4)  # 2 * 10^5 logits: over the parallel threshold
-    x, t = _probabilities(rng, (40000, 5)) if probabilities else _index(rng, (40000, 5))
+    x, t = class_probabilities(rng, (40000, 5)) if probabilities else class_indices(rng, (40000, 5))
     options = {"weight": rng.random(5) + 0.5, "label_smoothing": 0.1, "gamma": 1.5}
     results = []
     for n in (1, numba.config.NUMBA_NUM_THREADS):
@@ -233,7 +188,7 @@ needs_cuda = pytest.mark.skipif(
 )
 def test_cuda_is_the_cpu(loss, case, reduction):
     name, params = LOSSES[loss]
-    x, t, options, rng = build(case, seed=5)
+    x, t, options, rng = softmax_case(case, seed=5)
     options = dict(options, **params)
     go = upstream(rng, x, reduction)
     on_device = {k: dev(v) for k, v in options.items()}
