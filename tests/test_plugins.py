@@ -245,6 +245,8 @@ def test_example_plugin_own_tests_pass(focal_installed):
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",  # one file: the repository's "-n auto" would start workers to sit idle
+            "0",
             str(ROOT / "examples" / "lossforge-focal" / "tests"),
         ]
     )

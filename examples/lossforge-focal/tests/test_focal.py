@@ -85,13 +85,7 @@ def test_defaults_are_torchvisions():
 
 
 def test_conformance():
+    # without a GPU, "cuda" runs under Numba's simulator (conftest.py); NUMBA_ENABLE_CUDASIM=0
+    # and no GPU make the kit fail rather than skip it
     ran = check_loss("sigmoid_focal_loss")
-    assert "reference" in ran and "gradient" in ran and "threads" in ran
-
-
-def test_cuda_matches_cpu_under_the_simulator():
-    import os
-
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        pytest.skip("runs under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
-    assert "cuda" in check_loss("sigmoid_focal_loss", checks=["cuda"])
+    assert {"reference", "gradient", "hessian", "threads", "cuda"} <= set(ran)
